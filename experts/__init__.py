@@ -1,0 +1,1 @@
+"""Frozen expert networks and the registry of expert modalities."""
