@@ -4,6 +4,7 @@ The encoder builds its stems from it, the datasets read and paint labels by
 it, and `generate_experts.py` writes labels by it, so a name means the same
 thing everywhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,12 +1,14 @@
 """Typed model configuration, and the registry of named sizes in `configs/`."""
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -75,7 +77,7 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> ModelConfig:
         """strict: reject keys that are not model keys; False picks the model
         keys out of a whole training config (whose own schema checks the rest)."""
         names = {f.name for f in dataclasses.fields(cls)}

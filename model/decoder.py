@@ -5,6 +5,7 @@ A `PreTrainedModel` + `GenerationMixin`, so Hugging Face `generate` runs it,
 with a key/value cache that also holds the encoder tokens' cross-attention
 keys and values (computed once per generation).
 """
+
 from __future__ import annotations
 
 import torch
@@ -192,16 +193,15 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
     config_class = RobertaConfig
     base_model_prefix = "roberta"
     main_input_name = "input_ids"
-    _tied_weights_keys = {
-        "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
-        "lm_head.decoder.bias": "lm_head.bias",
-    }
+    # The official model counts (and its checkpoints store) the output
+    # embedding apart from the input one: untied, initialised as a copy.
+    _tied_weights_keys = {"lm_head.decoder.bias": "lm_head.bias"}
 
     def __init__(self, config: RobertaConfig):
+        config.tie_word_embeddings = False
         super().__init__(config)
         self.roberta = RobertaBody(config)
         self.lm_head = LMHead(config)
-        self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -227,6 +227,7 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.lm_head.bias)
+        self.lm_head.decoder.weight.copy_(self.roberta.embeddings.word_embeddings.weight)
 
     def forward(
         self,
@@ -258,12 +259,16 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
         logits_BQV = self.lm_head(x_BQD)
         loss_B = None
         if labels is not None:
-            loss_B = F.cross_entropy(
-                logits_BQV[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten(),
-                reduction="none",
-                label_smoothing=LABEL_SMOOTHING,
-            ).view(B, -1).sum(1)
+            loss_B = (
+                F.cross_entropy(
+                    logits_BQV[:, :-1].flatten(0, 1).float(),
+                    labels[:, 1:].flatten(),
+                    reduction="none",
+                    label_smoothing=LABEL_SMOOTHING,
+                )
+                .view(B, -1)
+                .sum(1)
+            )
         return CausalLMOutputWithCrossAttentions(loss=loss_B, logits=logits_BQV, past_key_values=cache)
 
     @staticmethod

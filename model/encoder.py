@@ -1,5 +1,6 @@
 """The expert encoder: a CLIP ViT with one stem per modality, a Perceiver
 resampler for the expert tokens, and an adaptor after every attention."""
+
 from __future__ import annotations
 
 import torch

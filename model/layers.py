@@ -1,4 +1,5 @@
 """Building blocks shared by the encoder, the resampler and the decoder."""
+
 from __future__ import annotations
 
 import torch

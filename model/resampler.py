@@ -1,4 +1,5 @@
 """Perceiver resampler: compresses all expert tokens into a fixed number of latents."""
+
 from __future__ import annotations
 
 import torch
