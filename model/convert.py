@@ -230,9 +230,10 @@ def hf_clip_to_openai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def clip_to_encoder(state: dict[str, torch.Tensor], num_positions: int) -> dict[str, torch.Tensor]:
     """CLIP vision weights (any supported format) -> expert_encoder keys."""
-    if any(k.startswith("vision_model.") for k in state):
-        visual = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
-        visual = hf_clip_to_openai(visual)
+    hf_patch = next((k for k in state if k.endswith("embeddings.patch_embedding.weight")), None)
+    if hf_patch is not None:  # HF CLIPVisionModel (no prefix) or CLIPModel (vision_model.)
+        prefix = hf_patch.removesuffix("embeddings.patch_embedding.weight")
+        visual = hf_clip_to_openai({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     else:
         visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     if not visual:

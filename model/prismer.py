@@ -88,12 +88,11 @@ class Prismer(nn.Module):
     def from_official(cls, name: str, path: str | os.PathLike | None = None, tokenizer=None, **overrides):
         """A released model by name, its config derived from the name; `path`
         points at a local copy of its pytorch_model.bin (else the hub)."""
-        cfg = convert.official_config(name)
+        cfg = convert.official_config(name) | overrides
         state = convert.read_state_dict(convert.resolve_checkpoint(path or name))
-        grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
-        patch = ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
-        cfg["image_resolution"] = grid * patch  # the checkpoint's own grid (480 px for fine-tuned base)
-        cfg.update(overrides)
+        if "image_resolution" not in overrides:  # the checkpoint's own grid (480 px for fine-tuned base)
+            grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
+            cfg["image_resolution"] = grid * ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
         model = cls(cfg, tokenizer=tokenizer)
         convert.check_experts(state, model.config.experts, name)
         convert.load_checked(model, convert.official_to_model(state, model), name)

@@ -1,0 +1,55 @@
+"""Bad model configs fail early, naming the bad value."""
+
+import pytest
+
+from model import ModelConfig, PrismerCaption
+from model.config import SIZES_FILE, model_sizes
+
+
+def test_size_configs_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert SIZES_FILE.exists()
+    assert {"prismer_base", "prismerz_base", "prismer_large", "prismerz_large", "prismer_huge"} <= set(model_sizes())
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"prismer_model": "prismer_medium"}, "unknown model size 'prismer_medium'"),
+        ({"prismer_model": "prismer_base", "experts": ["depth", "sonar"]}, "unknown expert 'sonar'"),
+        ({"prismer_model": "prismer_base", "image_resolution": 250}, "250 is not a multiple of the patch size 16"),
+        ({"prismer_model": "prismer_large", "image_resolution": 224, "freeze": "freeze_all"}, "unknown freeze mode"),
+        (
+            {"prismer_model": {"vision": {"width": 64, "layers": 1, "patch_size": 16, "depth": 3}, "roberta": {}}},
+            r"unknown vision key\(s\) \['depth'\]",
+        ),
+    ],
+)
+def test_bad_values_are_named(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(cfg)
+
+
+def test_unknown_key_is_named_in_strict_mode():
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['prismer_modle'\]"):
+        ModelConfig.from_dict({"prismer_model": "prismer_base", "prismer_modle": "x"})
+
+
+def test_official_prismerz_expert_list_means_rgb_only():
+    assert ModelConfig.from_dict({"prismer_model": "prismerz_base", "experts": ["none"]}).experts == []
+
+
+def test_model_takes_a_whole_training_config(tokenizer):
+    from tests.conftest import tiny_size
+
+    cfg = {
+        "prismer_model": tiny_size(len(tokenizer)),
+        "experts": ["none"],
+        "image_resolution": 64,
+        "pretrained": False,
+        "dataset": "coco",
+        "batch_size_train": 4,
+        "init_lr": 5e-5,
+    }
+    model = PrismerCaption(cfg, tokenizer=tokenizer)
+    assert model.config.image_resolution == 64 and not hasattr(model.expert_encoder, "resampler")
