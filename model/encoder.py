@@ -92,8 +92,12 @@ class ExpertEncoder(nn.Module):
         if "rgb" not in experts:
             raise KeyError("expert inputs need an 'rgb' image tensor")
         missing = [n for n in self.experts if n not in experts]
-        if missing:
-            raise KeyError(f"expert inputs {missing} are missing; the model was built with experts {self.experts}")
+        unknown = [n for n in experts if n != "rgb" and n not in self.experts]
+        if missing or unknown:
+            raise KeyError(
+                f"expert inputs {sorted(experts)} do not match the model's experts {self.experts} "
+                f"(missing {missing}, not in the model {unknown})"
+            )
         rgb_BND = self.conv1["rgb"](experts["rgb"]).flatten(2).transpose(1, 2)
         pos_ND = self.positional_embedding.to(rgb_BND.dtype)
         x_BLD = rgb_BND + pos_ND

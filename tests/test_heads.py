@@ -23,9 +23,10 @@ def build(cls, tokenizer, experts=EXPERTS, freeze="none", seed=0):
         },
         tokenizer=tokenizer,
     )
-    with torch.no_grad():
-        rows = model.expert_encoder.instance_embedding
-        rows.copy_(rows[:1].expand_as(rows))
+    if "obj_detection" in experts:
+        with torch.no_grad():
+            rows = model.expert_encoder.instance_embedding
+            rows.copy_(rows[:1].expand_as(rows))
     return model
 
 
@@ -167,3 +168,11 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none(tokenize
     assert layers[1][0].intermediate.dense.weight.requires_grad == (freeze in ("none", "freeze_vision"))
     assert layers[1][1].self.query.weight.requires_grad and layers[1][2].adaptor_ln.weight.requires_grad
     assert model.text_decoder.roberta.encoder.output_layer.output.dense.weight.requires_grad
+
+
+def test_inputs_must_match_the_models_experts(tokenizer):
+    model = build(PrismerCaption, tokenizer, experts=["depth"])
+    with pytest.raises(KeyError, match=r"missing \['depth'\]"):
+        model.encode({"rgb": torch.zeros(1, 3, RES, RES)})
+    with pytest.raises(KeyError, match=r"not in the model \['edge'\]"):
+        model.encode(random_experts(["depth", "edge"], 1, RES))
