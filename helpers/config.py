@@ -1,0 +1,134 @@
+"""Typed run configs: YAML recipes plus `--set key=value` overrides.
+
+Every key is a dataclass field; an unknown key or a value of the wrong type
+is an error that names the key and the file before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experts.registry import PRISMER_EXPERTS
+from model.config import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    # model (see model.config.ModelConfig)
+    prismer_model: str | dict = "prismer_base"
+    experts: list[str] = field(default_factory=lambda: list(PRISMER_EXPERTS))
+    image_resolution: int = 224
+    freeze: str = "none"
+    pretrained: bool = True
+    clip: str | None = None
+    roberta: str | None = None
+    tokenizer: str | None = None
+    # data (the official keys; see dataset.create_dataset)
+    dataset: str = "coco"
+    datasets: list[str] = field(default_factory=list)
+    data_path: str = "data"
+    # pre-training sources (official keys); each falls back to data_path
+    coco_data_path: str | None = None
+    vg_data_path: str | None = None
+    cc3m_data_path: str | None = None
+    cc12m_data_path: str | None = None
+    label_path: str = "data/experts"
+    label_space_path: str | None = None
+    prefix: str = ""
+    num_workers: int = 4
+    max_bad_fraction: float = 0.5
+    # optimisation
+    batch_size_train: int = 8
+    batch_size_test: int = 8
+    init_lr: float = 5e-5
+    min_lr: float = 0.0
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "cosine_step"  # cosine_step | cosine_epoch
+    weight_decay: float = 0.05
+    max_epoch: int = 3
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    max_nan_steps: int = 5  # consecutive non-finite losses before the run stops
+    # inference
+    inference: str = "rank"  # VQA: rank | generate
+    k_test: int = 16
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 8
+    # run
+    init_checkpoint: str | None = None  # weights to start from (ours or official)
+    output_dir: str = "outputs"
+    save_every_steps: int = 0  # 0: once per epoch
+    keep_last: int = 2
+    log_every_steps: int = 10
+    tracker: str | None = "tensorboard"  # tensorboard | wandb | None
+    max_train_steps: int = 0  # 0: no limit (for smoke runs)
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine_step", "cosine_epoch"):
+            raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
+        if self.inference not in ("rank", "generate"):
+            raise ValueError(f"inference must be rank or generate, not {self.inference!r}")
+        self.model_config()  # validates the model keys now, not after data loading
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(dataclasses.asdict(self), strict=False)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the field's type hint; YAML's '5e-5' (a string in YAML 1.1) becomes a float."""
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return value
+    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}")
+
+
+def build_config(values: dict, where: str) -> RunConfig:
+    hints = typing.get_type_hints(RunConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{where}: unknown config key(s) {unknown}")
+    return RunConfig(**{k: _coerce(k, v, hints[k], where) for k, v in values.items()})
+
+
+def load_config(path: str | Path, section: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A recipe file (optionally one section of it, e.g. `coco` in caption.yaml) plus overrides."""
+    path = Path(path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    where = str(path)
+    if section is not None:
+        if section not in data:
+            raise ValueError(f"{path} has no section {section!r}; sections: {sorted(data)}")
+        data, where = data[section], f"{path} [{section}]"
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        data[key.strip()] = yaml.safe_load(raw)
+    return build_config(data, where)

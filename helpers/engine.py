@@ -1,0 +1,241 @@
+"""The one training engine under train_pretrain.py, train_caption.py and
+train_vqa.py: config, data, model, optimisation, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from helpers import checkpoint
+from helpers.config import RunConfig, load_config
+from helpers.distributed import make_accelerator
+
+log = logging.getLogger("engine")
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+def parse_args(argv, description: str, default_config: str, default_section: str | None):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config, help="recipe YAML")
+    p.add_argument("--target_dataset", default=default_section, help="section of the recipe (e.g. coco, nocaps)")
+    p.add_argument("--exp_name", default="run", help="run name: outputs go to <output_dir>/<task>_<exp_name>")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--from_checkpoint",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume: a checkpoint folder, or the run's latest when no value is given",
+    )
+    p.add_argument("--fresh_if_missing", action="store_true", help="with --from_checkpoint: start fresh if none")
+    p.add_argument("--evaluate", action="store_true", help="evaluate only")
+    p.add_argument(
+        "--mixed_precision", default="fp16" if torch.cuda.is_available() else "no", choices=["no", "fp16", "bf16"]
+    )
+    p.add_argument("--shard_grad_op", action="store_true", help="FSDP2, ZeRO-2")
+    p.add_argument("--full_shard", action="store_true", help="FSDP2, ZeRO-3")
+    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    return p.parse_args(argv)
+
+
+def lr_at(cfg: RunConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The official schedules: linear warm-up (pre-training), then cosine to
+    min_lr, per step (captioning) or per epoch (pre-training, VQA)."""
+    global_step = epoch * steps_per_epoch + step
+    if global_step < cfg.warmup_steps:
+        return cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * global_step / cfg.warmup_steps
+    if cfg.schedule == "cosine_step":
+        progress = global_step / max(1, cfg.max_epoch * steps_per_epoch)
+    else:
+        progress = epoch / cfg.max_epoch
+    return cfg.min_lr + (cfg.init_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Task:
+    """What differs between the three scripts."""
+
+    name: str
+    model_cls: type
+    datasets: callable  # cfg -> (train, test or None)
+    loss: callable  # (model, batch, cfg) -> scalar loss
+    evaluate: callable | None = None  # (model, loader, accelerator, cfg, out_dir) -> metrics dict
+    best_metric: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(task: Task, cfg: RunConfig, tokenizer=None):
+    model = task.model_cls(cfg.model_config(), tokenizer=tokenizer)
+    if cfg.init_checkpoint:
+        model.load_official(cfg.init_checkpoint)  # ours (safetensors folder) or official; grid resized
+    return model
+
+
+def _loader(dataset, cfg: RunConfig, train: bool, accelerator):
+    from dataset import create_loader
+
+    return create_loader(
+        dataset,
+        cfg.batch_size_train if train else cfg.batch_size_test,
+        cfg.num_workers,
+        train,
+        collate_fn=dataset.collate,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
+
+
+def run(task: Task, argv=None, description: str = "", default_config: str = "", default_section=None) -> dict:
+    """Train (unless --evaluate) and evaluate; returns the final metrics."""
+    args = parse_args(argv, description, default_config, default_section)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(
+        args.config, args.target_dataset, args.set + ([f"seed={args.seed}"] if args.seed is not None else [])
+    )
+    out_dir = Path(cfg.output_dir) / f"{task.name}_{args.exp_name}"
+    ckpt_dir = out_dir / "checkpoints"
+    resume = None
+    if args.from_checkpoint:
+        resume = checkpoint.resolve(args.from_checkpoint, ckpt_dir)
+        if resume is None and not args.fresh_if_missing:
+            raise FileNotFoundError(
+                f"--from_checkpoint: no complete checkpoint in {ckpt_dir}; pass --fresh_if_missing to start fresh"
+            )
+    accelerator = make_accelerator(
+        args.mixed_precision, cfg.grad_accum_steps, str(out_dir), cfg.tracker, args.shard_grad_op, args.full_shard
+    )
+    set_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    train_set, test_set = task.datasets(cfg)
+    model = build_model(task, cfg)
+    tokenizer = model.tokenizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model).tokenizer = tokenizer
+    if accelerator.log_with:
+        accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "skipped_nan": 0}
+    if resume is not None:
+        progress = checkpoint.load(accelerator, resume)
+        log.info("resumed from %s at epoch %d, batch %d", resume, progress["epoch"], progress["batch"])
+
+    metrics: dict = {}
+    if not args.evaluate and train_set is not None:
+        metrics = train(task, cfg, accelerator, model, optimizer, train_set, test_set, progress, out_dir, ckpt_dir)
+    elif test_set is not None and task.evaluate is not None:
+        metrics = task.evaluate(model, _loader(test_set, cfg, False, accelerator), accelerator, cfg, out_dir)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        summary(task.name, metrics, progress)
+    return metrics
+
+
+def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progress, out_dir, ckpt_dir) -> dict:
+    loader = _loader(train_set, cfg, True, accelerator)
+    steps_per_epoch = len(loader)
+    metrics: dict = {}
+    nan_run = 0
+    for epoch in range(progress["epoch"], cfg.max_epoch):
+        loader.set_epoch(epoch)
+        start = progress["batch"] if epoch == progress["epoch"] else 0
+        model.train()
+        bar = tqdm(
+            itertools.islice(loader, start, None),
+            total=steps_per_epoch,
+            initial=start,
+            desc=f"epoch {epoch}",
+            disable=not accelerator.is_main_process,
+        )
+        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        for batch_idx, batch in enumerate(bar, start=start):
+            lr = lr_at(cfg, epoch, batch_idx, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = task.loss(model, batch, cfg)
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() == 1.0
+                if finite:
+                    accelerator.backward(loss)
+                    if cfg.grad_clip and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                optimizer.zero_grad()
+            progress.update(batch=batch_idx + 1, step=progress["step"] + 1)
+            if not finite:
+                nan_run += 1
+                progress["skipped_nan"] += 1
+                log.warning("non-finite loss at epoch %d batch %d: step skipped", epoch, batch_idx)
+                if nan_run >= cfg.max_nan_steps:
+                    raise TrainingStopped(
+                        f"{nan_run} non-finite losses in a row; the last checkpoint in {ckpt_dir} is intact"
+                    )
+                continue
+            nan_run = 0
+            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
+            seen += batch_size(batch) * accelerator.num_processes
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if progress["step"] % cfg.log_every_steps == 0:
+                accelerator.log(
+                    {"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate}, step=progress["step"]
+                )
+            if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0:
+                checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
+            if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
+                break
+        progress.update(epoch=epoch + 1, batch=0)
+        metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)}
+        if test_set is not None and task.evaluate is not None:
+            metrics |= task.evaluate(model, _loader(test_set, cfg, False, accelerator), accelerator, cfg, out_dir)
+        accelerator.log(metrics, step=progress["step"])
+        key = task.best_metric
+        if key and key in metrics and (progress["best"] is None or metrics[key] > progress["best"]):
+            progress["best"] = metrics[key]
+            if accelerator.is_main_process:
+                checkpoint.save_best(accelerator.unwrap_model(model), out_dir / "best")
+        checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
+        if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
+            break
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir / "final")
+    return metrics
+
+
+def batch_size(batch) -> int:
+    experts = batch[0]
+    return int(experts["rgb"].shape[0])
+
+
+def summary(task: str, metrics: dict, progress: dict) -> None:
+    rows = [
+        ("epochs", progress["epoch"]),
+        ("steps", progress["step"]),
+        ("skipped (non-finite)", progress["skipped_nan"]),
+    ]
+    rows += [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()]
+    width = max(len(str(k)) for k, _ in rows)
+    print(f"\n{task} summary")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")

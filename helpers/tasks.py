@@ -1,0 +1,105 @@
+"""The three tasks the engine trains: what their batches mean and how they are evaluated."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from helpers.engine import Task
+from model import PrismerCaption, PrismerVQA
+
+log = logging.getLogger(__name__)
+
+
+def _datasets(kind: str):
+    def make(cfg):
+        from dataset import create_dataset
+
+        return create_dataset(kind, cfg.to_dict())
+
+    return make
+
+
+def caption_loss(model, batch, cfg):
+    experts, captions = batch
+    return model(experts, captions, prefix=cfg.prefix)
+
+
+def vqa_loss(model, batch, cfg):
+    experts, questions, answers, weights, per_question = batch
+    return model(experts, questions, answers, weights, answers_per_question=torch.tensor(per_question))
+
+
+def image_id(entry: dict):
+    """COCO ids come from the file name (COCO_val2014_000000391895.jpg); NoCaps lists carry img_id."""
+    if "img_id" in entry:
+        return entry["img_id"]
+    digits = re.findall(r"\d+", Path(entry["image"]).stem)
+    return int(digits[-1]) if digits else entry["image"]
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
+    from helpers.metrics import coco_caption_scores, format_caption, gather_results
+
+    m = accelerator.unwrap_model(model).eval()
+    results = []
+    for experts, index in tqdm(loader, desc="caption eval", disable=not accelerator.is_main_process):
+        captions = m.generate(
+            experts, prefix=cfg.prefix, num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length
+        )
+        for i, caption in zip(index.tolist(), captions):
+            results.append({"image_id": image_id(loader.dataset.data_list[i]), "caption": format_caption(caption)})
+    results = gather_results(results, "image_id")
+    metrics = {}
+    if accelerator.is_main_process:
+        write_json(results, out_dir / f"caption_results_{cfg.dataset}.json")
+        gt = Path(cfg.data_path) / f"{cfg.dataset}_karpathy_test_gt.json"
+        if gt.exists():
+            metrics = {f"eval/{k}": v for k, v in coco_caption_scores(results, gt).items()}
+        else:
+            log.info("no ground truth at %s: results written, not scored", gt)
+    model.train()
+    return metrics
+
+
+@torch.no_grad()
+def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
+    from helpers.metrics import gather_results, vqa_accuracy
+
+    m = accelerator.unwrap_model(model).eval()
+    answer_list = loader.dataset.answer_list
+    results = []
+    for experts, _index, questions, qids in tqdm(loader, desc="vqa eval", disable=not accelerator.is_main_process):
+        if cfg.inference == "rank":
+            picks = m.rank_answers(experts, questions, answer_list, k=cfg.k_test)
+            answers = [answer_list[i] for i in picks.tolist()]
+        else:
+            answers = m.generate(experts, questions, num_beams=cfg.num_beams)
+        results += [{"question_id": q, "answer": a} for q, a in zip(qids, answers)]
+    results = gather_results(results, "question_id")
+    metrics = {}
+    if accelerator.is_main_process:
+        write_json(results, out_dir / "vqa_submission.json")
+        truth = {e["question_id"]: e["answer"] for e in loader.dataset.data_list if "answer" in e}
+        if truth:
+            metrics = {f"eval/{k}": v for k, v in vqa_accuracy(results, truth).items()}
+    model.train()
+    return metrics
+
+
+CAPTION = Task("caption", PrismerCaption, _datasets("caption"), caption_loss, caption_evaluate, "eval/CIDEr")
+VQA = Task("vqa", PrismerVQA, _datasets("vqa"), vqa_loss, vqa_evaluate, "eval/accuracy")
+PRETRAIN = Task("pretrain", PrismerCaption, lambda cfg: (_datasets("pretrain")(cfg), None), caption_loss)

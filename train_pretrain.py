@@ -1,0 +1,14 @@
+"""Train or evaluate Prismer: pretrain (`accelerate launch train_pretrain.py --config configs/pretrain.yaml ...`)."""
+
+from __future__ import annotations
+
+from helpers.engine import run
+from helpers.tasks import PRETRAIN
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(PRETRAIN, argv, description=__doc__, default_config="configs/pretrain.yaml", default_section=None)
+
+
+if __name__ == "__main__":
+    main()
