@@ -83,7 +83,6 @@ class Pretrain(IterableDataset):
             raise ConfigError(f"pre-training 'datasets' must name some of {list(SOURCES)}, got {names}")
         self.seed = int(config.get("seed", 0))
         self.max_bad_fraction = float(config.get("max_bad_fraction", 0.5))
-        self.max_bad_fraction = float(config.get("max_bad_fraction", 0.5))
         self.epoch, self.rank, self.world_size = 0, 0, 1
         self.reader = make_reader({"data_path": "", **config}, train=True, scale=PRETRAIN_SCALE)
         self.roots, self.lists, self.web_units = {}, {}, []

@@ -14,7 +14,7 @@ MAX_WORDS = 30
 
 
 def _clean(text: str, max_words: int) -> str:
-    text = _PUNCTUATION.sub(" ", text.capitalize())
+    text = _PUNCTUATION.sub(" ", text.strip().capitalize())
     words = _SPACES.sub(" ", text).strip().split(" ")
     return " ".join(words[:max_words])
 
