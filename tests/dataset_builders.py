@@ -23,11 +23,11 @@ def label_space_path() -> Path:
 
 
 def square_image(w: int = 48, h: int = 40) -> Image.Image:
-    """Grey background, red square: after any photometric op R > G holds
-    inside the square and R <= G outside it."""
-    x = np.full((h, w, 3), 128, np.uint8)
+    """White square on dark grey: every photometric op keeps it the brightest
+    region (and geometric ops fill black)."""
+    x = np.full((h, w, 3), 64, np.uint8)
     l, t, r, b = SQUARE
-    x[t:b, l:r] = (255, 0, 0)
+    x[t:b, l:r] = 255
     return Image.fromarray(x)
 
 
