@@ -54,7 +54,8 @@ def _rgb_mask(rgb_3HW: torch.Tensor) -> torch.Tensor:
 def test_labels_stay_under_the_same_pixels_after_augmentation(world):
     """Over many random crops/flips/RandAugment draws, each expert's square
     covers the RGB square (compared at 224 px) and painted maps carry the class feature."""
-    train, _ = create_dataset("caption", {**world, "image_resolution": 96})
+    config = {**world, "image_resolution": 96, "experts": ["depth", "seg_coco", "obj_detection"]}
+    train, _ = create_dataset("caption", config)
     spaces = load_label_spaces(world["label_space_path"])
     checked = 0
     for epoch in range(12):
