@@ -75,7 +75,8 @@ class ExpertDataset(Dataset):
             return self.load(index, sample_rng(self.seed, self.epoch, index))
         except READ_ERRORS as e:
             logger.debug("skipping sample %d: %s", index, e)
-            return Skipped(f"entry {index}: {type(e).__name__}: {e}")
+            image = self.data_list[index].get("image", "")
+            return Skipped(f"entry {index} ({image}): {type(e).__name__}: {e}")
 
     def load(self, index: int, rng: random.Random):
         raise NotImplementedError

@@ -146,8 +146,8 @@ class Loader:
             return
         if self.skipped > self.max_bad_fraction * total:
             raise DataError(
-                f"{self.skipped} of {self.seen} samples read so far are unreadable, more than "
-                f"{self.max_bad_fraction:.0%} of the data (rank {self.rank}); e.g. {'; '.join(self.reasons[:3])}"
+                f"{self.skipped} of the {self.seen} samples read so far are unreadable, more than "
+                f"{self.max_bad_fraction:.0%} of {total} (rank {self.rank}); e.g. {'; '.join(self.reasons[:3])}"
             )
 
     def __iter__(self):
