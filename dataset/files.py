@@ -34,8 +34,9 @@ class SampleError(ValueError):
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def label_file(label_path: str | Path, expert: str, dataset: str, image: str, suffix: str = ".png") -> Path:
-    return Path(label_path, expert, dataset, os.path.splitext(image)[0] + suffix)
+def label_file(label_path: str | Path, expert: str, dataset: str, image: str) -> Path:
+    """`<label_path>/<expert>/<dataset>/<image with .png>` (official layout)."""
+    return Path(label_path, expert, dataset, os.path.splitext(image)[0] + ".png")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

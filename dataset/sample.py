@@ -11,6 +11,7 @@ map plus table is 0.11 MB.
 """
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -32,6 +33,8 @@ from dataset.label_space import NONE_ID, LabelSpaces
 from dataset.transforms import Transform
 from experts.registry import EXPERTS, parse_experts
 
+logger = logging.getLogger(__name__)
+
 
 class ExpertReader:
     """Reads an image and its expert labels in the official layout and turns
@@ -48,8 +51,9 @@ class ExpertReader:
             raise ValueError(f"experts {self.experts} need label-space features")
         self._id_tables = {s: spaces.id_table(s) for s in spaces.tables} if spaces is not None else {}
         self._background = spaces.background if spaces is not None else None
-        # Label files found missing or empty, per expert (the expert found nothing).
-        self.missing_labels: dict[str, int] = {e: 0 for e in self.experts}
+        # Experts already reported as lacking a label file (once per process:
+        # many absences usually mean a wrong `label_path`).
+        self._reported_absent: set[str] = set()
 
     def image_path(self, dataset: str, image: str):
         return f"{self.data_path}/{dataset}/{image}"
@@ -75,12 +79,12 @@ class ExpertReader:
         if not expert.painted:
             label = read_dense(path, expert.label_mode, size)
             if label is None:
-                self.missing_labels[name] += 1
+                self._report_absent(name, path)
                 label = Image.new(expert.label_mode, size, (0,) * 3 if expert.label_mode == "RGB" else 0)
             return label, None
         ids = read_ids(path, size)
         if ids is None:
-            self.missing_labels[name] += 1
+            self._report_absent(name, path)
             ids = np.full((size[1], size[0]), NONE_ID, np.uint8)
         if expert.kind == "class_map":
             check_ids(ids, self.spaces.num_classes(expert.label_space), path)
@@ -90,6 +94,11 @@ class ExpertReader:
         else:
             table, ids = self._ocr_table(ids, path)
         return Image.fromarray(ids, "L"), table
+
+    def _report_absent(self, name: str, path) -> None:
+        if name not in self._reported_absent:
+            self._reported_absent.add(name)
+            logger.info("%s: label missing or empty, read as 'the expert found nothing' (reported once)", path)
 
     def _present(self, ids: np.ndarray) -> list[int]:
         counts = np.bincount(ids.ravel(), minlength=256)

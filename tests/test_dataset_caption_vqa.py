@@ -132,3 +132,12 @@ def test_demo_image_folder(tmp_path):
     experts, index = next(iter(create_loader(demo, 2, 0, train=False)))
     assert index.tolist() == [0, 1] and experts["depth"].shape == (2, 1, 224, 224)
     assert experts["depth"][0].max() > 0.99 and experts["depth"][1].max() == -1  # b has no label: constant
+
+
+def test_painting_on_a_device_matches_painting_in_workers(world):
+    train, _ = create_dataset("caption", world)
+    host = next(iter(create_loader(train, 2, 0, train=True)))[0]
+    device = next(iter(create_loader(train, 2, 0, train=True, device="cpu")))[0]
+    for name in ("seg_coco", "ocr_detection"):
+        torch.testing.assert_close(host[name], device[name])
+    torch.testing.assert_close(host["obj_detection"]["label"], device["obj_detection"]["label"])

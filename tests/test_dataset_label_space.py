@@ -80,7 +80,7 @@ def test_official_ocr_record_loads_but_code_in_it_does_not(tmp_path):
             return (exec, ("raise SystemExit('pickle ran')",))
 
     with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({1: Evil()}, f)
+        pickle.dump({1: Evil()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         read_ocr_record(tmp_path / "evil.png")
 

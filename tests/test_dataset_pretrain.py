@@ -101,3 +101,18 @@ def test_missing_web_dataset_is_a_config_error(tmp_path):
         create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
     with pytest.raises(ConfigError, match="laion"):
         create_dataset("pretrain", _config(tmp_path, ["laion"]))
+
+
+def test_caption_lists_and_web_folders_mix(tmp_path):
+    from tests.dataset_builders import coco_world
+
+    config = coco_world(tmp_path / "coco", n=4, experts=["depth"])
+    _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=2)
+    pretrain = create_dataset("pretrain", {
+        **_config(tmp_path, ["coco", "cc3m_sgu"], ["depth"]),
+        "coco_data_path": config["data_path"], "label_path": config["label_path"],
+    })
+    loader = create_loader(pretrain, 1, 0, train=True)
+    captions = sorted(c for _, cs in loader for c in cs)
+    assert len(captions) == 8 and loader.skipped == 0
+    assert captions[-1] == "Cc3m_sgu caption 000010001" and "A red square number 3" in captions

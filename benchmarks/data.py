@@ -1,0 +1,125 @@
+"""Per-core throughput of the training input pipeline at 480 px.
+
+Builds a small COCO-like dataset in a temp folder (640x480 JPEGs, labels of
+all six Prismer experts at the same size), then times, in one process with
+one torch thread, reading + train transform (+ painting) per sample:
+
+    python benchmarks/data.py [--samples 60]
+
+Where to paint (the decision recorded in dataset/sample.py): the table shows
+what a worker spends per sample and how many bytes it ships. Painting in the
+worker adds a few ms per painted expert and makes each sample ~40x larger
+(three 12.8 MB float maps instead of uint8 ids + a 64 KB table); the
+collate, shared-memory, pinning and host-to-device copies of those bytes cost
+more than the gather does on a GPU. So workers ship ids and `paint` runs on
+the device (create_loader(..., device=...)); without a device it runs in the
+workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dataset import create_dataset, paint  # noqa: E402
+from dataset.files import write_ocr_record  # noqa: E402
+from experts.registry import PRISMER_EXPERTS  # noqa: E402
+
+LABEL_SPACES = Path(__file__).resolve().parent.parent.parent / "shared" / "label_spaces"
+
+
+def build(root: Path, n: int) -> dict:
+    """n images of 640x480 with smooth content plus noise (JPEG ~ photo size),
+    and a label of every Prismer expert for each."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    entries = []
+    for i in range(n):
+        base = (np.sin(xx / (20 + i)) * 60 + np.cos(yy / 15) * 60 + 128)[..., None] + rng.normal(0, 12, (480, 640, 3))
+        name = f"train2014/{i:06d}.jpg"
+        path = root / "data" / "vqav2" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        entries.append({"image": name, "caption": "a benchmark image with some words in its caption"})
+        stem = f"train2014/{i:06d}"
+        blocks = (yy // 60 * 11 + xx // 80).astype(np.uint8)
+        for expert in PRISMER_EXPERTS:
+            out = root / "labels" / expert / "vqav2" / f"{stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if expert in ("depth", "edge"):
+                Image.fromarray((yy * 255 // 480).astype(np.uint8)).save(out)
+            elif expert == "normal":
+                normal = np.stack([(xx % 256), (yy % 256), np.full_like(xx, 128)], -1).astype(np.uint8)
+                Image.fromarray(normal).save(out)
+            elif expert == "seg_coco":
+                Image.fromarray(blocks % 133).save(out)
+            elif expert == "obj_detection":
+                ids = np.where(blocks % 5 == 0, blocks % 20, 255).astype(np.uint8)
+                Image.fromarray(ids).save(out)
+                out.with_suffix(".json").write_text(json.dumps({str(k): k * 7 for k in range(20)}))
+            else:
+                ids = np.where(blocks % 9 == 0, blocks % 4, 255).astype(np.uint8)
+                Image.fromarray(ids).save(out)
+                words = {k: {"text": f"w{k}", "features": torch.randn(64)} for k in range(4)}
+                write_ocr_record(out.with_suffix(".json"), words)
+    (root / "data" / "coco_karpathy_train.json").write_text(json.dumps(entries))
+    (root / "data" / "coco_karpathy_test.json").write_text(json.dumps(entries[:1]))
+    return {"dataset": "coco", "data_path": str(root / "data"), "label_path": str(root / "labels"),
+            "label_space_path": str(LABEL_SPACES), "image_resolution": 480}
+
+
+def nbytes(x) -> int:
+    if isinstance(x, dict):
+        return sum(nbytes(v) for v in x.values())
+    return x.numel() * x.element_size()
+
+
+def measure(dataset, samples: int, painted: bool) -> tuple[float, float]:
+    """(samples/s, MB shipped per sample)."""
+    dataset[0]
+    shipped, start = 0, time.perf_counter()
+    for i in range(samples):
+        dataset.set_epoch(i // len(dataset))
+        experts, _ = dataset[i % len(dataset)]
+        if painted:
+            experts = paint(dataset.collate([(experts, "")])[0])
+        shipped += nbytes(experts)
+    return samples / (time.perf_counter() - start), shipped / samples / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--images", type=int, default=12)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = build(Path(tmp), args.images)
+        rows = []
+        for model, experts in (("PrismerZ", ["none"]), ("Prismer (6 experts)", list(PRISMER_EXPERTS))):
+            train, _ = create_dataset("caption", {**config, "experts": experts})
+            if experts == ["none"]:
+                modes = [("nothing to paint", False)]
+            else:
+                modes = [("worker paints", True), ("ship uint8 ids", False)]
+            for mode, painted in modes:
+                rate, mb = measure(train, args.samples, painted)
+                rows.append((model, mode, rate, mb))
+    print(f"{'model':<22}{'painting':<18}{'samples/s/core':>16}{'MB/sample':>12}")
+    for model, mode, rate, mb in rows:
+        print(f"{model:<22}{mode:<18}{rate:>16.1f}{mb:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
