@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -135,7 +136,10 @@ def read_ocr_record(stem: Path) -> dict[int, dict] | None:
     else:
         return None
     if suffix == ".pt":
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise SampleError(f"{path}: refused or unreadable as a weights-only torch file ({e})") from e
     elif suffix == ".json":
         raw = read_json(path)
     else:
@@ -148,10 +152,14 @@ def read_ocr_record(stem: Path) -> dict[int, dict] | None:
         raise SampleError(f"{path}: OCR record is {type(raw).__name__}, expected a dict of word id -> record")
     out = {}
     for key, rec in raw.items():
-        features = torch.as_tensor(rec["features"], dtype=torch.float32).reshape(-1)
+        try:
+            features = torch.as_tensor(rec["features"], dtype=torch.float32).reshape(-1)
+            word = int(key)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SampleError(f"{path}: word {key!r} is not {{'features': 64 numbers, 'text': str}} ({e})") from e
         if features.shape != (64,):
             raise SampleError(f"{path}: word {key} has a feature of shape {tuple(features.shape)}, expected (64,)")
-        out[int(key)] = {"features": features, "text": str(rec.get("text", ""))}
+        out[word] = {"features": features, "text": str(rec.get("text", ""))}
     return out
 
 
