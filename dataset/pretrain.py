@@ -143,7 +143,7 @@ class Pretrain(IterableDataset):
         source_dir = SOURCES[unit.source][2]
         try:
             path = self.roots[unit.source] / source_dir / rel
-            image = read_image(image_bytes if image_bytes is not None else path)
+            image = read_image(image_bytes if image_bytes is not None else path, self.reader.transform.min_decode_side)
             if caption is None:
                 with open(path.with_suffix(".txt"), encoding="utf-8") as f:
                     caption = f.readline()

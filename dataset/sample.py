@@ -62,7 +62,7 @@ class ExpertReader:
         """Experts for `<data_path>/<dataset>/<image_name>` (or the given
         decoded `image`, for streamed shards)."""
         if image is None:
-            image = read_image(self.image_path(dataset, image_name))
+            image = read_image(self.image_path(dataset, image_name), self.transform.min_decode_side)
         labels, tables = {}, {}
         for name in self.experts:
             labels[name], table = self._read_label(name, dataset, image_name, image.size)

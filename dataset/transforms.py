@@ -142,6 +142,10 @@ class Transform:
         self.resolution = int(resolution)
         self.train = train
         self.scale = tuple(scale)
+        # Shortest image side that still gives the smallest random crop
+        # (area `scale[0]`, aspect 3/4) `resolution` pixels: decoding finer is wasted.
+        shrink = math.sqrt(self.scale[0] * 3 / 4) if train else 1.0
+        self.min_decode_side = math.ceil(self.resolution / shrink)
 
     def __call__(self, image: Image.Image, labels: dict[str, Image.Image], rng: random.Random) -> dict:
         if self.train:

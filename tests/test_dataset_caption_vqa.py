@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from dataset import ConfigError, create_dataset, create_loader, load_label_spaces, paint
+from dataset.files import read_image
 from dataset.transforms import CLIP_MEAN, CLIP_STD
 from tests.dataset_builders import DET_CLASS, SEG_CLASS, coco_world, square_image, write_labels
 
@@ -141,3 +142,23 @@ def test_painting_on_a_device_matches_painting_in_workers(world):
     for name in ("seg_coco", "ocr_detection"):
         torch.testing.assert_close(host[name], device[name])
     torch.testing.assert_close(host["obj_detection"]["label"], device["obj_detection"]["label"])
+
+
+def test_large_jpeg_is_decoded_smaller_and_labels_follow(world, tmp_path):
+    """An 8x larger JPEG is decoded at reduced scale; labels at full size still line up."""
+    config = {**world, "data_path": str(tmp_path / "data"), "label_path": str(tmp_path / "labels")}
+    name = "train2014/big.jpg"
+    path = tmp_path / "data" / "vqav2" / name
+    path.parent.mkdir(parents=True)
+    square_image().resize((48 * 8, 40 * 8), Image.NEAREST).save(path, quality=95)
+    write_labels(tmp_path / "labels", "vqav2", name, ["depth"])
+    big = tmp_path / "labels" / "depth" / "vqav2" / "train2014" / "big.png"
+    Image.open(big).resize((48 * 8, 40 * 8), Image.NEAREST).save(big)
+    (tmp_path / "data" / "coco_karpathy_test.json").write_text(f'[{{"image": "{name}"}}]')
+    (tmp_path / "data" / "coco_karpathy_train.json").write_text(f'[{{"image": "{name}", "caption": "big"}}]')
+    _, test = create_dataset("caption", {**config, "experts": ["depth"], "image_resolution": 32})
+    assert read_image(path, test.reader.transform.min_decode_side).size == (48, 40)  # 1/8 scale, >= 32 px
+    experts, _ = test[0]
+    rgb = torch.nn.functional.interpolate(_rgb_mask(experts["rgb"])[None, None].float(), size=224)[0, 0] > 0.5
+    depth = experts["depth"][0] > 0
+    assert (rgb & depth).sum() / (rgb | depth).sum() > 0.9
