@@ -36,7 +36,7 @@ class Skipped:
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """Augmentation randomness that depends only on (seed, epoch, index)."""
-    return random.Random((seed * 1_000_003 + epoch) * 1_000_003 + index)
+    return random.Random((seed << 80) | (epoch << 48) | index)
 
 
 def make_reader(config: dict, train: bool, scale=(0.5, 1.0)) -> ExpertReader:

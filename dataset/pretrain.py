@@ -6,7 +6,11 @@ CC12M as written by img2dataset, either as folders (`00000/000000001.jpg`
 Work is split into units (one shard folder, one tar, or a chunk of a caption
 list). Each epoch the units are shuffled from (seed, epoch) and dealt out:
 rank r takes every world-th unit, then worker w of that rank every
-num_workers-th, so every (rank, worker) reads a disjoint part.
+num_workers-th, so every (rank, worker) reads a disjoint part. Ranks get
+equally many units, not equally many samples (shards differ in size), so a
+data-parallel loop should stop all ranks at a common step count. Samples are
+shuffled within a folder or list chunk; a tar is read in its stored order
+(img2dataset already writes shards in random URL order).
 """
 from __future__ import annotations
 
@@ -119,7 +123,7 @@ class Pretrain(IterableDataset):
     def units(self, worker: int = 0, num_workers: int = 1) -> list[Unit]:
         """This (rank, worker)'s units for the current epoch. Every rank gets
         the same number of units (the few left over are dropped this epoch)."""
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng = random.Random((self.seed << 32) | self.epoch)
         units = list(self.web_units)
         for name, entries in self.lists.items():
             for i in range(0, len(entries), LIST_CHUNK):
@@ -135,7 +139,7 @@ class Pretrain(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for unit in self.units(worker, num_workers):
             unit_seed = zlib.crc32(f"{unit.path}:{unit.start}".encode())
-            rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4_294_967_311 + unit_seed)
+            rng = random.Random((self.seed << 80) | (self.epoch << 48) | unit_seed)
             yield from self._iter_unit(unit, rng)
 
     def _sample(self, unit: Unit, rel: str, image_bytes: bytes | None, caption: str | None, rng: random.Random):
