@@ -6,14 +6,21 @@ one torch thread, reading + train transform (+ painting) per sample:
 
     python benchmarks/data.py [--samples 60]
 
-Where to paint (the decision recorded in dataset/sample.py): the table shows
-what a worker spends per sample and how many bytes it ships. Painting in the
-worker adds a few ms per painted expert and makes each sample ~40x larger
-(three 12.8 MB float maps instead of uint8 ids + a 64 KB table); the
-collate, shared-memory, pinning and host-to-device copies of those bytes cost
-more than the gather does on a GPU. So workers ship ids and `paint` runs on
-the device (create_loader(..., device=...)); without a device it runs in the
-workers.
+Where to paint (the decision recorded in dataset/sample.py), measured on
+this project's 2-core CPU machine (one core per row, batch of 16):
+
+    model                 painting        samples/s/core  MB/sample  collate 16 (ms)
+    PrismerZ              nothing to paint          67.4       2.76               66
+    Prismer (6 experts)   worker paints             26.4      42.70             1488
+    Prismer (6 experts)   ship uint8 ids            33.8       4.12               66
+
+Painting in the worker costs ~25% of its throughput, makes each sample 10x
+larger (three 12.8 MB float maps instead of uint8 ids + a 64 KB table) and
+the collate into shared memory then costs ~93 ms per sample instead of ~4,
+before pinning and the host-to-device copy of those bytes; one gather on the
+GPU costs well under a millisecond. So workers ship ids and `paint` runs on
+the device (create_loader(..., device=...)); without a device (CPU-only use)
+it runs in the workers.
 """
 from __future__ import annotations
 
@@ -84,23 +91,32 @@ def nbytes(x) -> int:
     return x.numel() * x.element_size()
 
 
-def measure(dataset, samples: int, painted: bool) -> tuple[float, float]:
-    """(samples/s, MB shipped per sample)."""
+def measure(dataset, samples: int, painted: bool, batch: int) -> tuple[float, float, float]:
+    """(samples/s, MB shipped per sample, ms to collate a batch into shared
+    memory as a DataLoader worker does)."""
     dataset[0]
-    shipped, start = 0, time.perf_counter()
+    shipped, kept, start = 0, [], time.perf_counter()
     for i in range(samples):
         dataset.set_epoch(i // len(dataset))
         experts, _ = dataset[i % len(dataset)]
         if painted:
             experts = paint(dataset.collate([(experts, "")])[0])
         shipped += nbytes(experts)
-    return samples / (time.perf_counter() - start), shipped / samples / 1e6
+        if len(kept) < batch:
+            kept.append((experts, ""))
+    rate = samples / (time.perf_counter() - start)
+    start = time.perf_counter()
+    collated = dataset.collate(kept)[0]
+    for x in (v for e in collated.values() for v in (e.values() if isinstance(e, dict) else [e])):
+        x.share_memory_()
+    return rate, shipped / samples / 1e6, (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=16, help="samples per collated batch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -114,11 +130,10 @@ def main() -> None:
             else:
                 modes = [("worker paints", True), ("ship uint8 ids", False)]
             for mode, painted in modes:
-                rate, mb = measure(train, args.samples, painted)
-                rows.append((model, mode, rate, mb))
-    print(f"{'model':<22}{'painting':<18}{'samples/s/core':>16}{'MB/sample':>12}")
-    for model, mode, rate, mb in rows:
-        print(f"{model:<22}{mode:<18}{rate:>16.1f}{mb:>12.2f}")
+                rows.append((model, mode, *measure(train, args.samples, painted, args.batch)))
+    print(f"{'model':<22}{'painting':<18}{'samples/s/core':>16}{'MB/sample':>12}{f'collate {args.batch} (ms)':>18}")
+    for model, mode, rate, mb, ms in rows:
+        print(f"{model:<22}{mode:<18}{rate:>16.1f}{mb:>12.2f}{ms:>18.0f}")
 
 
 if __name__ == "__main__":
