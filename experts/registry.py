@@ -32,6 +32,22 @@ class Expert:
         through four stride-2 convs (x16), 64-channel maps through two (x4)."""
         return 16 if self.kind == "dense" else 4
 
+    @property
+    def fill(self) -> int:
+        """Label value for pixels an augmentation moves in from outside the
+        image, and for a missing label file: dense maps are 0, id maps 255 (none)."""
+        return 0 if self.kind == "dense" else 255
+
+    @property
+    def label_mode(self) -> str:
+        """PIL mode of the label PNG: normals are RGB, everything else one grey channel."""
+        return "RGB" if self.channels == 3 else "L"
+
+    @property
+    def painted(self) -> bool:
+        """True when the label file holds ids that become 64-d label-space features."""
+        return self.kind in ("class_map", "instance", "ocr")
+
 
 EXPERTS: dict[str, Expert] = {
     e.name: e

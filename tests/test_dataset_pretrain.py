@@ -1,0 +1,118 @@
+import io
+import json
+import tarfile
+
+import pytest
+
+from dataset import ConfigError, create_dataset, create_loader
+from tests.dataset_builders import label_space_path, square_image, write_labels
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    square_image().save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _img2dataset_folders(root, name, shards, per_shard, labels=None):
+    """img2dataset folder output: <name>/00000/000000001.jpg + .txt (+ .json)."""
+    for s in range(shards):
+        folder = root / name / f"{s:05d}"
+        folder.mkdir(parents=True)
+        for i in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            (folder / f"{key}.jpg").write_bytes(_jpeg())
+            (folder / f"{key}.txt").write_text(f"{name} caption {key}.\nsecond line ignored")
+            (folder / f"{key}.json").write_text(json.dumps({"key": key}))
+            if labels is not None:
+                write_labels(labels, name, f"{s:05d}/{key}.jpg", ["depth"])
+
+
+def _img2dataset_tars(root, name, shards, per_shard):
+    """img2dataset webdataset output: <name>/00000.tar holding 000000001.jpg/.txt/.json."""
+    (root / name).mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(root / name / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                for ext, data in (("jpg", _jpeg()), ("txt", f"{name} caption {key}".encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def _config(root, datasets, experts=("none",)):
+    return {
+        "cc3m_data_path": str(root), "cc12m_data_path": str(root), "label_path": str(root / "labels"),
+        "label_space_path": str(label_space_path()), "experts": list(experts), "image_resolution": 32,
+        "datasets": datasets, "seed": 3,
+    }
+
+
+def _captions(dataset, rank, world_size, num_workers=0, epoch=0, batch_size=4):
+    loader = create_loader(dataset, batch_size, num_workers, train=True, rank=rank, world_size=world_size)
+    loader.set_epoch(epoch)
+    return [c for _, captions in loader for c in captions]
+
+
+def test_img2dataset_folders_stream_with_labels(tmp_path):
+    _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=4, labels=tmp_path / "labels")
+    dataset = create_dataset("pretrain", _config(tmp_path, ["cc3m_sgu"], ["depth"]))
+    loader = create_loader(dataset, 4, 0, train=True)
+    batches = list(loader)
+    assert len(batches) == 2
+    experts, captions = batches[0]
+    assert experts["rgb"].shape == (4, 3, 32, 32) and experts["depth"].shape == (4, 1, 224, 224)
+    assert experts["depth"].amax(dim=(1, 2, 3)).min() > 0.99  # every image found its label
+    assert all(c.startswith("Cc3m_sgu caption") and "second" not in c for c in captions)
+    assert loader.images_per_s > 0
+
+
+def test_webdataset_tars_shard_disjointly_over_two_ranks(tmp_path):
+    _img2dataset_tars(tmp_path, "cc12m", shards=4, per_shard=4)
+    dataset = create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
+    rank0, rank1 = _captions(dataset, 0, 2), _captions(dataset, 1, 2)
+    assert len(rank0) == len(rank1) == 8
+    assert not set(rank0) & set(rank1)
+    assert len(set(rank0) | set(rank1)) == 16
+    assert _captions(dataset, 0, 2) == rank0  # deterministic from the seed
+    assert set(_captions(dataset, 0, 2, epoch=1)) != set(rank0)  # reshuffled across epochs
+
+
+def test_two_workers_read_disjoint_units(tmp_path):
+    _img2dataset_tars(tmp_path, "cc12m", shards=4, per_shard=3)
+    dataset = create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
+    captions = _captions(dataset, 0, 1, num_workers=2, batch_size=3)  # each worker batches its own samples
+    assert len(captions) == len(set(captions)) == 12
+
+
+def test_map_style_datasets_shard_over_two_ranks(tmp_path):
+    from tests.dataset_builders import coco_world
+
+    config = coco_world(tmp_path, n=6, experts=["depth"])
+    train, _ = create_dataset("caption", config)
+    rank0, rank1 = (_captions(train, r, 2, batch_size=1) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 3 and not set(rank0) & set(rank1)
+    assert _captions(train, 0, 2, batch_size=1) == rank0
+
+
+def test_missing_web_dataset_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cc12m"):
+        create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
+    with pytest.raises(ConfigError, match="laion"):
+        create_dataset("pretrain", _config(tmp_path, ["laion"]))
+
+
+def test_caption_lists_and_web_folders_mix(tmp_path):
+    from tests.dataset_builders import coco_world
+
+    config = coco_world(tmp_path / "coco", n=4, experts=["depth"])
+    _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=2)
+    pretrain = create_dataset("pretrain", {
+        **_config(tmp_path, ["coco", "cc3m_sgu"], ["depth"]),
+        "coco_data_path": config["data_path"], "label_path": config["label_path"],
+    })
+    loader = create_loader(pretrain, 1, 0, train=True)
+    captions = sorted(c for _, cs in loader for c in cs)
+    assert len(captions) == 8 and loader.skipped == 0
+    assert captions[-1] == "Cc3m_sgu caption 000010001" and "A red square number 3" in captions
