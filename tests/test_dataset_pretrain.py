@@ -116,3 +116,15 @@ def test_caption_lists_and_web_folders_mix(tmp_path):
     captions = sorted(c for _, cs in loader for c in cs)
     assert len(captions) == 8 and loader.skipped == 0
     assert captions[-1] == "Cc3m_sgu caption 000010001" and "A red square number 3" in captions
+
+
+def test_truncated_tar_shard_yields_what_it_holds_then_counts_a_skip(tmp_path):
+    _img2dataset_tars(tmp_path, "cc12m", shards=1, per_shard=4)
+    shard = tmp_path / "cc12m" / "00000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 6 // 10])
+    dataset = create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
+    loader = create_loader(dataset, 1, 0, train=True, max_bad_fraction=1.0)
+    captions = [c for _, cs in loader for c in cs]
+    assert 1 <= len(captions) < 4 and loader.skipped >= 1
+    assert all(c.startswith("Cc12m caption 00000") for c in captions)
