@@ -24,6 +24,7 @@ was at hand to time it). So workers ship ids and `paint` runs on
 the device (create_loader(..., device=...)); without a device (CPU-only use)
 it runs in the workers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,13 @@ def build(root: Path, n: int) -> dict:
                 write_ocr_record(out.with_suffix(".json"), words)
     (root / "data" / "coco_karpathy_train.json").write_text(json.dumps(entries))
     (root / "data" / "coco_karpathy_test.json").write_text(json.dumps(entries[:1]))
-    return {"dataset": "coco", "data_path": str(root / "data"), "label_path": str(root / "labels"),
-            "label_space_path": str(LABEL_SPACES), "image_resolution": 480}
+    return {
+        "dataset": "coco",
+        "data_path": str(root / "data"),
+        "label_path": str(root / "labels"),
+        "label_space_path": str(LABEL_SPACES),
+        "image_resolution": 480,
+    }
 
 
 def nbytes(x) -> int:

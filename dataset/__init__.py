@@ -2,6 +2,7 @@
 
 Public API as in the official code: `create_dataset`, `create_loader`.
 """
+
 from __future__ import annotations
 
 from dataset.datasets import VQA, Caption, ImageFolder, Skipped
@@ -14,9 +15,24 @@ from dataset.sample import paint
 from dataset.text import pre_caption, pre_question
 
 __all__ = [
-    "VQA", "Caption", "ConfigError", "DataError", "ImageFolder", "LabelSpaces", "Loader", "Pretrain",
-    "SampleError", "Skipped", "create_dataset", "create_loader", "load_label_spaces", "paint",
-    "pre_caption", "pre_question", "read_ocr_record", "write_ocr_record",
+    "VQA",
+    "Caption",
+    "ConfigError",
+    "DataError",
+    "ImageFolder",
+    "LabelSpaces",
+    "Loader",
+    "Pretrain",
+    "SampleError",
+    "Skipped",
+    "create_dataset",
+    "create_loader",
+    "load_label_spaces",
+    "paint",
+    "pre_caption",
+    "pre_question",
+    "read_ocr_record",
+    "write_ocr_record",
 ]
 
 

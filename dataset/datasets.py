@@ -1,5 +1,6 @@
 """Map-style datasets: captioning (COCO Karpathy, NoCaps), VQA (VQAv2 + VG QA)
 and a plain image folder (demo), in the official data-list formats."""
+
 from __future__ import annotations
 
 import logging
@@ -202,4 +203,3 @@ class VQA(ExpertDataset):
             torch.cat(weights),
             [len(group) for group in answers],
         )
-

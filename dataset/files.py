@@ -6,6 +6,7 @@ instance id -> class id) and an OCR word record (`.pt` official,
 `.json`/`.safetensors` ours). A missing or empty label file means the expert
 found nothing.
 """
+
 from __future__ import annotations
 
 import io

@@ -9,6 +9,7 @@ Two on-disk forms are read:
 Each space becomes a (classes + 1, 64) table whose last row is the background
 feature, used for label value 255 ("no class").
 """
+
 from __future__ import annotations
 
 import functools

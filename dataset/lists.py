@@ -1,5 +1,6 @@
 """Official JSON data lists, checked entry by entry so a bad list fails at
 start-up with the file and entry index, not later inside a worker."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ workers and counted; painted experts are turned into feature maps either in
 the workers (`device=None`) or after the batch reaches `device` (see
 `dataset/sample.py` for why the device is the better place on a GPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,8 +95,9 @@ class Loader:
     `images_per_s` is the rate this epoch so far; `skipped`/`seen` count the
     epoch's unusable and total samples of this rank."""
 
-    def __init__(self, dataset, batch_size, num_workers, train, collate_fn, seed, rank, world_size, device,
-                 max_bad_fraction):
+    def __init__(
+        self, dataset, batch_size, num_workers, train, collate_fn, seed, rank, world_size, device, max_bad_fraction
+    ):
         self.dataset = dataset
         self.rank, self.world_size = dist_info(rank, world_size)
         self.device = torch.device(device) if device is not None else None
@@ -165,12 +167,29 @@ class Loader:
             yield batch
         self._check(final=True)
         if self.skipped:
-            logger.warning("epoch %d rank %d: skipped %d of %d unreadable samples, e.g. %s",
-                           self.epoch, self.rank, self.skipped, self.seen, "; ".join(self.reasons[:3]))
+            logger.warning(
+                "epoch %d rank %d: skipped %d of %d unreadable samples, e.g. %s",
+                self.epoch,
+                self.rank,
+                self.skipped,
+                self.seen,
+                "; ".join(self.reasons[:3]),
+            )
 
 
-def create_loader(dataset, batch_size, num_workers, train, collate_fn=None, *, seed: int | None = None, rank=None,
-                  world_size=None, device=None, max_bad_fraction: float | None = None) -> Loader:
+def create_loader(
+    dataset,
+    batch_size,
+    num_workers,
+    train,
+    collate_fn=None,
+    *,
+    seed: int | None = None,
+    rank=None,
+    world_size=None,
+    device=None,
+    max_bad_fraction: float | None = None,
+) -> Loader:
     """The official signature plus sharding, seeding, painting placement and
     the unreadable-data limit (`seed` and `max_bad_fraction` default to the
     dataset config's, else 0 and 0.5). `collate_fn` receives only readable samples."""

@@ -12,6 +12,7 @@ data-parallel loop should stop all ranks at a common step count. Samples are
 shuffled within a folder or list chunk; a tar is read in its stored order
 (img2dataset already writes shards in random URL order).
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 The tokenizer and the caption prefix ("A picture of") are the model's concern;
 these functions only normalise raw annotation text.
 """
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ RandAugment(2 ops, magnitude 5). Randomness comes from a `random.Random`
 passed in, so a sample's augmentation depends only on (seed, epoch, index),
 not on which worker draws it.
 """
+
 from __future__ import annotations
 
 import math

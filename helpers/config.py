@@ -42,6 +42,7 @@ class RunConfig:
     label_path: str = "data/experts"
     label_space_path: str | None = None
     prefix: str = ""
+    gt_file: str | None = None  # caption ground truth; default per dataset in data_path
     num_workers: int = 4
     max_bad_fraction: float = 0.5
     # optimisation
@@ -121,7 +122,7 @@ def load_config(path: str | Path, section: str | None = None, overrides: list[st
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     where = str(path)
-    if section is not None:
+    if section:
         if section not in data:
             raise ValueError(f"{path} has no section {section!r}; sections: {sorted(data)}")
         data, where = data[section], f"{path} [{section}]"

@@ -204,7 +204,8 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
             if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0:
                 checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
             if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
-                break
+                checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)  # resumable mid-epoch
+                return {"train/loss_epoch": loss_sum / max(1, n_loss)}
         progress.update(epoch=epoch + 1, batch=0)
         metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)}
         if test_set is not None and task.evaluate is not None:
@@ -216,8 +217,6 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
             if accelerator.is_main_process:
                 checkpoint.save_best(accelerator.unwrap_model(model), out_dir / "best")
         checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
-        if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
-            break
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out_dir / "final")
     return metrics

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -44,15 +42,12 @@ def image_id(entry: dict):
     return int(digits[-1]) if digits else entry["image"]
 
 
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+GT_FILES = {"coco": "coco_karpathy_test_gt.json", "nocaps": "nocaps_val_4500_captions.json"}
 
 
 @torch.no_grad()
 def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
-    from helpers.metrics import coco_caption_scores, format_caption, gather_results
+    from helpers.metrics import coco_caption_scores, format_caption, gather_results, nocaps_cider, write_caption_results
 
     m = accelerator.unwrap_model(model).eval()
     results = []
@@ -65,10 +60,11 @@ def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
     results = gather_results(results, "image_id")
     metrics = {}
     if accelerator.is_main_process:
-        write_json(results, out_dir / f"caption_results_{cfg.dataset}.json")
-        gt = Path(cfg.data_path) / f"{cfg.dataset}_karpathy_test_gt.json"
-        if gt.exists():
-            metrics = {f"eval/{k}": v for k, v in coco_caption_scores(results, gt).items()}
+        write_caption_results(results, out_dir / f"caption_results_{cfg.dataset}.json")
+        gt = Path(cfg.gt_file or Path(cfg.data_path) / GT_FILES.get(cfg.dataset, ""))
+        if gt.is_file():
+            score = nocaps_cider if cfg.dataset == "nocaps" else coco_caption_scores
+            metrics = {f"eval/{k}": v for k, v in score(results, gt).items()}
         else:
             log.info("no ground truth at %s: results written, not scored", gt)
     model.train()
@@ -77,7 +73,7 @@ def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
 
 @torch.no_grad()
 def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
-    from helpers.metrics import gather_results, vqa_accuracy
+    from helpers.metrics import gather_results, vqa_accuracy, write_vqa_results
 
     m = accelerator.unwrap_model(model).eval()
     answer_list = loader.dataset.answer_list
@@ -92,10 +88,12 @@ def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
     results = gather_results(results, "question_id")
     metrics = {}
     if accelerator.is_main_process:
-        write_json(results, out_dir / "vqa_submission.json")
-        truth = {e["question_id"]: e["answer"] for e in loader.dataset.data_list if "answer" in e}
-        if truth:
-            metrics = {f"eval/{k}": v for k, v in vqa_accuracy(results, truth).items()}
+        write_vqa_results(results, out_dir / "vqa_submission.json")
+        truth = [
+            {"question_id": e["question_id"], "answers": e["answer"]} for e in loader.dataset.data_list if "answer" in e
+        ]
+        if truth:  # a local split with answers (test-dev answers are on the evaluation server only)
+            metrics = {"eval/accuracy": vqa_accuracy(results, truth)["overall"]}
     model.train()
     return metrics
 

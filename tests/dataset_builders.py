@@ -1,4 +1,5 @@
 """Small real datasets on disk in the official layout, for the dataset tests."""
+
 from __future__ import annotations
 
 import json
@@ -90,12 +91,27 @@ def coco_world(root: Path, n: int = 4, experts=ALL_EXPERTS) -> dict:
     write_json(data / "coco_karpathy_train.json", captions)
     write_json(data / "coco_karpathy_test.json", [{"image": im} for im in images[:2]])
     write_json(data / "nocaps_val.json", [{"image": "val/0.jpg", "img_id": 0}])
-    write_json(data / "vqav2_train_val.json", [
-        {"image": images[0], "question": "what colour is the square", "answer": ["red", "crimson"],
-         "weight": [0.7, 0.3], "question_id": 1, "dataset": "vqa"},
-        {"image": images[1], "question": "is it a square?", "answer": ["yes"], "weight": [1.0],
-         "question_id": 2, "dataset": "vqa"},
-    ])
+    write_json(
+        data / "vqav2_train_val.json",
+        [
+            {
+                "image": images[0],
+                "question": "what colour is the square",
+                "answer": ["red", "crimson"],
+                "weight": [0.7, 0.3],
+                "question_id": 1,
+                "dataset": "vqa",
+            },
+            {
+                "image": images[1],
+                "question": "is it a square?",
+                "answer": ["yes"],
+                "weight": [1.0],
+                "question_id": 2,
+                "dataset": "vqa",
+            },
+        ],
+    )
     vg = [{"image": vg_name, "question": "What shape?", "answer": ["square"], "dataset": "vg"}]
     write_json(data / "vg_qa.json", vg)
     test = [{"image": images[0], "question": "what colour", "question_id": 7, "dataset": "vqa"}]

@@ -1,4 +1,5 @@
 """Every broken-input case, built for real on disk."""
+
 import json
 import os
 

@@ -125,10 +125,16 @@ def test_demo_image_folder(tmp_path):
     square_image().save(images / "a.jpg")
     square_image().save(images / "b.png")
     write_labels(tmp_path / "labels", "helpers", "images/a.jpg", ["depth"])
-    train, demo = create_dataset("caption", {
-        "dataset": "demo", "data_path": str(tmp_path / "helpers"), "label_path": str(tmp_path / "labels"),
-        "experts": ["depth"], "image_resolution": 32,
-    })
+    train, demo = create_dataset(
+        "caption",
+        {
+            "dataset": "demo",
+            "data_path": str(tmp_path / "helpers"),
+            "label_path": str(tmp_path / "labels"),
+            "experts": ["depth"],
+            "image_resolution": 32,
+        },
+    )
     assert train is None and len(demo) == 2
     experts, index = next(iter(create_loader(demo, 2, 0, train=False)))
     assert index.tolist() == [0, 1] and experts["depth"].shape == (2, 1, 224, 224)

@@ -43,9 +43,14 @@ def _img2dataset_tars(root, name, shards, per_shard):
 
 def _config(root, datasets, experts=("none",)):
     return {
-        "cc3m_data_path": str(root), "cc12m_data_path": str(root), "label_path": str(root / "labels"),
-        "label_space_path": str(label_space_path()), "experts": list(experts), "image_resolution": 32,
-        "datasets": datasets, "seed": 3,
+        "cc3m_data_path": str(root),
+        "cc12m_data_path": str(root),
+        "label_path": str(root / "labels"),
+        "label_space_path": str(label_space_path()),
+        "experts": list(experts),
+        "image_resolution": 32,
+        "datasets": datasets,
+        "seed": 3,
     }
 
 
@@ -108,10 +113,14 @@ def test_caption_lists_and_web_folders_mix(tmp_path):
 
     config = coco_world(tmp_path / "coco", n=4, experts=["depth"])
     _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=2)
-    pretrain = create_dataset("pretrain", {
-        **_config(tmp_path, ["coco", "cc3m_sgu"], ["depth"]),
-        "coco_data_path": config["data_path"], "label_path": config["label_path"],
-    })
+    pretrain = create_dataset(
+        "pretrain",
+        {
+            **_config(tmp_path, ["coco", "cc3m_sgu"], ["depth"]),
+            "coco_data_path": config["data_path"],
+            "label_path": config["label_path"],
+        },
+    )
     loader = create_loader(pretrain, 1, 0, train=True)
     captions = sorted(c for _, cs in loader for c in cs)
     assert len(captions) == 8 and loader.skipped == 0

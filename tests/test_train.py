@@ -1,0 +1,147 @@
+"""The training scripts end to end on a tiny real dataset written here (images, labels, JSON lists)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train_caption
+import train_pretrain
+import train_vqa
+from helpers.engine import TrainingStopped
+from tests.conftest import tiny_size
+from tests.dataset_builders import coco_world
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERTS = ["depth", "seg_coco", "obj_detection", "ocr_detection"]
+
+
+@pytest.fixture
+def recipe(tmp_path, tokenizer):
+    """A flat recipe for a tiny Prismer on an 8-image world; returns (path, run folder root)."""
+    cfg = coco_world(tmp_path / "world", n=8, experts=EXPERTS)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg |= {
+        "prismer_model": tiny_size(len(tokenizer)), "tokenizer": str(tmp_path / "tokenizer"), "pretrained": False,
+        "experts": EXPERTS, "batch_size_train": 2, "batch_size_test": 2, "num_workers": 0, "max_epoch": 1,
+        "output_dir": str(tmp_path / "out"), "tracker": None, "init_lr": 1e-3, "max_length": 8, "min_length": 2,
+        "datasets": ["vqav2", "vg"], "coco_data_path": cfg["data_path"],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, tmp_path / "out"
+
+
+def args(recipe, *extra):
+    return ["--config", str(recipe[0]), "--target_dataset", "", *extra]
+
+
+def test_caption_epoch_runs_end_to_end(recipe):
+    train_caption.main(args(recipe, "--exp_name", "e2e"))
+    run = recipe[1] / "caption_e2e"
+    results = json.loads((run / "caption_results_coco.json").read_text())
+    assert sorted(r["image_id"] for r in results) == [0, 1]  # COCO ids from the file names
+    assert all(r["caption"][0].isupper() and r["caption"].endswith(".") for r in results)
+    assert (run / "final" / "model.safetensors").exists() and (run / "final" / "config.json").exists()
+    progress = json.loads(next((run / "checkpoints").glob("step_*/progress.json")).read_text())
+    assert progress == {"epoch": 1, "batch": 0, "step": 4, "best": None, "skipped_nan": 0}
+
+
+def test_vqa_epoch_runs_end_to_end(recipe):
+    train_vqa.main(args(recipe, "--exp_name", "e2e", "--set", "k_test=2"))
+    submission = json.loads((recipe[1] / "vqa_e2e" / "vqa_submission.json").read_text())
+    assert [r["question_id"] for r in submission] == [7]
+    assert submission[0]["answer"] in ["red", "blue", "square"]
+    train_vqa.main(args(recipe, "--exp_name", "gen", "--evaluate", "--set", "inference=generate"))
+    assert json.loads((recipe[1] / "vqa_gen" / "vqa_submission.json").read_text())[0]["question_id"] == 7
+
+
+def test_pretrain_epoch_runs_end_to_end(recipe):
+    train_pretrain.main(args(recipe, "--exp_name", "e2e", "--set", "datasets=[coco]"))
+    assert (recipe[1] / "pretrain_e2e" / "final" / "model.safetensors").exists()
+
+
+def test_fine_tuning_starts_from_a_pretraining_checkpoint_at_a_new_resolution(recipe):
+    train_pretrain.main(args(recipe, "--exp_name", "p", "--set", "datasets=[coco]", "--set", "max_train_steps=1"))
+    pre = recipe[1] / "pretrain_p" / "checkpoints"
+    assert list(pre.glob("step_*"))
+    train_pretrain.main(args(recipe, "--exp_name", "p2", "--set", "datasets=[coco]", "--set", "max_epoch=1"))
+    init = recipe[1] / "pretrain_p2" / "final"
+    train_caption.main(args(recipe, "--exp_name", "ft", "--evaluate", "--set", f"init_checkpoint={init}",
+                            "--set", "image_resolution=96"))
+    assert json.loads((recipe[1] / "caption_ft" / "caption_results_coco.json").read_text())
+
+
+def test_loss_falls_on_a_fixed_batch(recipe):
+    from dataset import create_dataset, create_loader
+    from helpers.config import load_config
+    from model import PrismerCaption
+
+    cfg = load_config(recipe[0])
+    train, _ = create_dataset("caption", cfg.to_dict())
+    experts, captions = next(iter(create_loader(train, 4, 0, True, collate_fn=train.collate)))
+    torch.manual_seed(0)
+    model = PrismerCaption(cfg.model_config())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(experts, captions, prefix="A picture of")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(recipe):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_caption.main(args(recipe, "--exp_name", "r", "--from_checkpoint"))
+    train_caption.main(args(recipe, "--exp_name", "r", "--from_checkpoint", "--fresh_if_missing",
+                            "--set", "max_train_steps=1"))
+
+
+def test_unknown_key_fails_before_anything_loads(recipe):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['batch_size'\]"):
+        train_caption.main(args(recipe, "--set", "batch_size=4"))
+
+
+def test_non_finite_losses_stop_the_run_with_checkpoints_intact(recipe):
+    with pytest.raises(TrainingStopped, match="non-finite"):
+        train_caption.main(args(recipe, "--exp_name", "nan", "--set", "init_lr=1e30", "--set", "max_nan_steps=2",
+                                "--set", "save_every_steps=1", "--set", "max_epoch=3"))
+    ckpts = recipe[1] / "caption_nan" / "checkpoints"
+    assert all((p / "progress.json").exists() for p in ckpts.glob("step_*"))
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+def _script(recipe, exp, *extra):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "train_caption.py"), *args(recipe, "--exp_name", exp, "--set", "max_epoch=3",
+                                                                   "--set", "save_every_steps=1", *extra)]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_run_killed_mid_epoch_resumes_to_the_same_weights(recipe):
+    assert _script(recipe, "straight").wait() == 0
+    victim = _script(recipe, "killed")
+    ckpts = recipe[1] / "caption_killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (ckpts / "step_00000002" / "progress.json").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    resumed = _script(recipe, "killed", "--from_checkpoint")
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+    a = load_file(recipe[1] / "caption_straight" / "final" / "model.safetensors")
+    b = load_file(recipe[1] / "caption_killed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
