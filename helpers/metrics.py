@@ -219,9 +219,9 @@ def nocaps_cider(results, gt_file: str | os.PathLike) -> dict[str, float]:
     `overall`, against the NoCaps val annotations (COCO format, each image
     carrying a `domain`).
 
-    As in the official NoCaps evaluation, each domain is scored as its own
-    corpus (CIDEr's document frequencies come from that domain's images).
-    Domains with no result images are left out.
+    Each domain is scored as its own corpus (CIDEr's document frequencies come
+    from that domain's images), as per-domain NoCaps evaluations run the COCO
+    toolkit on each domain's images. Domains with no result images are left out.
     """
     coco, gts, res = _tokenized_pairs(results, gt_file)
     domains = defaultdict(list)
