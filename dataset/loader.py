@@ -117,6 +117,9 @@ class Loader:
             drop_last=train,
             pin_memory=self.device is not None and self.device.type == "cuda",
             persistent_workers=False,  # so each epoch's workers see set_epoch
+            # Its own generator: starting an epoch must not draw from the global
+            # RNG, or a resumed run's dropout would differ from an uninterrupted one.
+            generator=torch.Generator().manual_seed(seed),
         )
         self._reset()
 

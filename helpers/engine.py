@@ -51,14 +51,15 @@ def parse_args(argv, description: str, default_config: str, default_section: str
     return p.parse_args(argv)
 
 
-def lr_at(cfg: RunConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+def lr_at(cfg: RunConfig, epoch: int, global_step: int, total_steps: int | None) -> float:
     """The official schedules: linear warm-up (pre-training), then cosine to
     min_lr, per step (captioning) or per epoch (pre-training, VQA)."""
-    global_step = epoch * steps_per_epoch + step
     if global_step < cfg.warmup_steps:
         return cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * global_step / cfg.warmup_steps
     if cfg.schedule == "cosine_step":
-        progress = global_step / max(1, cfg.max_epoch * steps_per_epoch)
+        if not total_steps:
+            raise ValueError("schedule cosine_step needs a dataset of known length; use cosine_epoch for streams")
+        progress = global_step / total_steps
     else:
         progress = epoch / cfg.max_epoch
     return cfg.min_lr + (cfg.init_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -153,7 +154,11 @@ def run(task: Task, argv=None, description: str = "", default_config: str = "", 
 
 def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progress, out_dir, ckpt_dir) -> dict:
     loader = _loader(train_set, cfg, True, accelerator)
-    steps_per_epoch = len(loader)
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:  # a streamed (web-scale) dataset
+        steps_per_epoch = None
+    total_steps = steps_per_epoch * cfg.max_epoch if steps_per_epoch else None
     metrics: dict = {}
     nan_run = 0
     for epoch in range(progress["epoch"], cfg.max_epoch):
@@ -169,7 +174,7 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
         )
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         for batch_idx, batch in enumerate(bar, start=start):
-            lr = lr_at(cfg, epoch, batch_idx, steps_per_epoch)
+            lr = lr_at(cfg, epoch, progress["step"], total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with accelerator.accumulate(model):

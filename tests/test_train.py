@@ -1,4 +1,5 @@
 """The training scripts end to end on a tiny real dataset written here (images, labels, JSON lists)."""
+
 import json
 import os
 import signal
@@ -29,10 +30,21 @@ def recipe(tmp_path, tokenizer):
     cfg = coco_world(tmp_path / "world", n=8, experts=EXPERTS)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     cfg |= {
-        "prismer_model": tiny_size(len(tokenizer)), "tokenizer": str(tmp_path / "tokenizer"), "pretrained": False,
-        "experts": EXPERTS, "batch_size_train": 2, "batch_size_test": 2, "num_workers": 0, "max_epoch": 1,
-        "output_dir": str(tmp_path / "out"), "tracker": None, "init_lr": 1e-3, "max_length": 8, "min_length": 2,
-        "datasets": ["vqav2", "vg"], "coco_data_path": cfg["data_path"],
+        "prismer_model": tiny_size(len(tokenizer)),
+        "tokenizer": str(tmp_path / "tokenizer"),
+        "pretrained": False,
+        "experts": EXPERTS,
+        "batch_size_train": 2,
+        "batch_size_test": 2,
+        "num_workers": 0,
+        "max_epoch": 1,
+        "output_dir": str(tmp_path / "out"),
+        "tracker": None,
+        "init_lr": 1e-3,
+        "max_length": 8,
+        "min_length": 2,
+        "datasets": ["vqav2", "vg"],
+        "coco_data_path": cfg["data_path"],
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -64,18 +76,45 @@ def test_vqa_epoch_runs_end_to_end(recipe):
 
 
 def test_pretrain_epoch_runs_end_to_end(recipe):
-    train_pretrain.main(args(recipe, "--exp_name", "e2e", "--set", "datasets=[coco]"))
+    train_pretrain.main(args(recipe, "--exp_name", "e2e", "--set", "datasets=[coco]", "--set", "schedule=cosine_epoch"))
     assert (recipe[1] / "pretrain_e2e" / "final" / "model.safetensors").exists()
 
 
 def test_fine_tuning_starts_from_a_pretraining_checkpoint_at_a_new_resolution(recipe):
-    train_pretrain.main(args(recipe, "--exp_name", "p", "--set", "datasets=[coco]", "--set", "max_train_steps=1"))
+    train_pretrain.main(
+        args(
+            recipe,
+            "--exp_name",
+            "p",
+            "--set",
+            "datasets=[coco]",
+            "--set",
+            "schedule=cosine_epoch",
+            "--set",
+            "max_train_steps=1",
+        )
+    )
     pre = recipe[1] / "pretrain_p" / "checkpoints"
     assert list(pre.glob("step_*"))
-    train_pretrain.main(args(recipe, "--exp_name", "p2", "--set", "datasets=[coco]", "--set", "max_epoch=1"))
+    train_pretrain.main(
+        args(
+            recipe,
+            "--exp_name",
+            "p2",
+            "--set",
+            "datasets=[coco]",
+            "--set",
+            "schedule=cosine_epoch",
+            "--set",
+            "max_epoch=1",
+        )
+    )
     init = recipe[1] / "pretrain_p2" / "final"
-    train_caption.main(args(recipe, "--exp_name", "ft", "--evaluate", "--set", f"init_checkpoint={init}",
-                            "--set", "image_resolution=96"))
+    train_caption.main(
+        args(
+            recipe, "--exp_name", "ft", "--evaluate", "--set", f"init_checkpoint={init}", "--set", "image_resolution=96"
+        )
+    )
     assert json.loads((recipe[1] / "caption_ft" / "caption_results_coco.json").read_text())
 
 
@@ -103,8 +142,9 @@ def test_loss_falls_on_a_fixed_batch(recipe):
 def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(recipe):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train_caption.main(args(recipe, "--exp_name", "r", "--from_checkpoint"))
-    train_caption.main(args(recipe, "--exp_name", "r", "--from_checkpoint", "--fresh_if_missing",
-                            "--set", "max_train_steps=1"))
+    train_caption.main(
+        args(recipe, "--exp_name", "r", "--from_checkpoint", "--fresh_if_missing", "--set", "max_train_steps=1")
+    )
 
 
 def test_unknown_key_fails_before_anything_loads(recipe):
@@ -114,8 +154,21 @@ def test_unknown_key_fails_before_anything_loads(recipe):
 
 def test_non_finite_losses_stop_the_run_with_checkpoints_intact(recipe):
     with pytest.raises(TrainingStopped, match="non-finite"):
-        train_caption.main(args(recipe, "--exp_name", "nan", "--set", "init_lr=1e30", "--set", "max_nan_steps=2",
-                                "--set", "save_every_steps=1", "--set", "max_epoch=3"))
+        train_caption.main(
+            args(
+                recipe,
+                "--exp_name",
+                "nan",
+                "--set",
+                "init_lr=1e30",
+                "--set",
+                "max_nan_steps=2",
+                "--set",
+                "save_every_steps=1",
+                "--set",
+                "max_epoch=3",
+            )
+        )
     ckpts = recipe[1] / "caption_nan" / "checkpoints"
     assert all((p / "progress.json").exists() for p in ckpts.glob("step_*"))
     assert not list(ckpts.glob(".*.tmp"))
@@ -123,8 +176,11 @@ def test_non_finite_losses_stop_the_run_with_checkpoints_intact(recipe):
 
 def _script(recipe, exp, *extra):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "train_caption.py"), *args(recipe, "--exp_name", exp, "--set", "max_epoch=3",
-                                                                   "--set", "save_every_steps=1", *extra)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_caption.py"),
+        *args(recipe, "--exp_name", exp, "--set", "max_epoch=3", "--set", "save_every_steps=1", *extra),
+    ]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
