@@ -47,6 +47,7 @@ def make_accelerator(
             raise ValueError("tracker wandb asked for but wandb is not installed (pip install wandb)")
         log_with = "wandb"
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum_steps,
         fsdp_plugin=fsdp,
