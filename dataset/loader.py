@@ -39,11 +39,13 @@ class ShardSampler(Sampler[int]):
     """Indices of this rank: a (seed, epoch) permutation (or the plain order
     when not shuffling) dealt round-robin, so ranks never share a sample.
     With `equal` every rank gets the same count (a few samples wait for the
-    next epoch's permutation), which keeps data-parallel ranks in step."""
+    next epoch's permutation), which keeps data-parallel ranks in step; with
+    `pad` every rank gets the same count by repeating the first samples (for
+    evaluation in lockstep, e.g. sharded models; results are de-duplicated)."""
 
-    def __init__(self, n: int, rank: int, world_size: int, shuffle: bool, seed: int, equal: bool):
+    def __init__(self, n: int, rank: int, world_size: int, shuffle: bool, seed: int, equal: bool, pad: bool = False):
         self.n, self.rank, self.world_size = n, rank, world_size
-        self.shuffle, self.seed, self.equal = shuffle, seed, equal
+        self.shuffle, self.seed, self.equal, self.pad = shuffle, seed, equal, pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,9 +60,14 @@ class ShardSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.pad and not self.equal:
+            order += order[: -self.n % self.world_size]
+            return iter(order[self.rank :: self.world_size])
         return iter(order[self.rank : self._stop() : self.world_size])
 
     def __len__(self) -> int:
+        if self.pad and not self.equal:
+            return -(-self.n // self.world_size)
         return len(range(self.rank, self._stop(), self.world_size))
 
 
@@ -96,7 +103,18 @@ class Loader:
     epoch's unusable and total samples of this rank."""
 
     def __init__(
-        self, dataset, batch_size, num_workers, train, collate_fn, seed, rank, world_size, device, max_bad_fraction
+        self,
+        dataset,
+        batch_size,
+        num_workers,
+        train,
+        collate_fn,
+        seed,
+        rank,
+        world_size,
+        device,
+        max_bad_fraction,
+        pad=False,
     ):
         self.dataset = dataset
         self.rank, self.world_size = dist_info(rank, world_size)
@@ -107,7 +125,7 @@ class Loader:
         if isinstance(dataset, IterableDataset):
             dataset.shard(self.rank, self.world_size)
         else:
-            self.sampler = ShardSampler(len(dataset), self.rank, self.world_size, train, seed, equal=train)
+            self.sampler = ShardSampler(len(dataset), self.rank, self.world_size, train, seed, equal=train, pad=pad)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -192,13 +210,17 @@ def create_loader(
     world_size=None,
     device=None,
     max_bad_fraction: float | None = None,
+    pad: bool = False,
 ) -> Loader:
     """The official signature plus sharding, seeding, painting placement and
     the unreadable-data limit (`seed` and `max_bad_fraction` default to the
-    dataset config's, else 0 and 0.5). `collate_fn` receives only readable samples."""
+    dataset config's, else 0 and 0.5). `collate_fn` receives only readable samples.
+    `pad`: every rank the same number of samples (see ShardSampler)."""
     seed = dataset.seed if seed is None else seed
     if max_bad_fraction is None:
         max_bad_fraction = dataset.max_bad_fraction
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    return Loader(dataset, batch_size, num_workers, train, collate_fn, seed, rank, world_size, device, max_bad_fraction)
+    return Loader(
+        dataset, batch_size, num_workers, train, collate_fn, seed, rank, world_size, device, max_bad_fraction, pad
+    )

@@ -13,12 +13,21 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from helpers import distributed
 
 PROGRESS = "progress.json"
+# Sharded (FSDP2) runs keep model and optimizer here, gathered in full, so a
+# checkpoint loads whatever the number of processes.
+SHARDED_MODEL, SHARDED_OPTIM = "model_full.safetensors", "optimizer_full.pt"
 
 
-def save(accelerator: Accelerator, folder: Path, progress: dict, keep_last: int) -> Path:
+def save(accelerator: Accelerator, folder: Path, progress: dict, keep_last: int, model=None, optimizer=None) -> Path:
+    """All ranks call this. `model`/`optimizer` are given for sharded runs only
+    (accelerate saves prepared ones itself)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step_{progress['step']:08d}"
     tmp, final = folder / f".{name}.tmp", folder / name
@@ -26,6 +35,12 @@ def save(accelerator: Accelerator, folder: Path, progress: dict, keep_last: int)
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if model is not None:
+        weights = distributed.full_state_dict(model)
+        optim = distributed.full_optimizer_state(model, optimizer)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous().clone() for k, v in weights.items()}, tmp / SHARDED_MODEL)
+            torch.save(optim, tmp / SHARDED_OPTIM)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / PROGRESS).write_text(json.dumps(progress))
@@ -56,17 +71,28 @@ def resolve(spec: str, folder: Path) -> Path | None:
     return path
 
 
-def load(accelerator: Accelerator, path: Path) -> dict:
+def load(accelerator: Accelerator, path: Path, model=None, optimizer=None) -> dict:
     accelerator.load_state(str(path))
+    if model is not None:
+        if not (path / SHARDED_MODEL).exists():
+            raise FileNotFoundError(f"{path} was not written by a sharded run; resume it without sharding flags")
+        main = accelerator.is_main_process
+        distributed.load_full_state_dict(model, load_file(path / SHARDED_MODEL) if main else {})
+        optim = torch.load(path / SHARDED_OPTIM, weights_only=True) if main else {}
+        distributed.load_full_optimizer_state(model, optimizer, optim)
     return json.loads((path / PROGRESS).read_text())
 
 
-def save_best(model, folder: Path) -> None:
-    """Replace `folder` with the model's safetensors checkpoint in one rename."""
+def save_model(accelerator: Accelerator, model, folder: Path) -> None:
+    """Replace `folder` with the model's safetensors checkpoint in one rename.
+    All ranks call this (gathering a sharded model is collective)."""
+    weights = distributed.full_state_dict(model)
+    if not accelerator.is_main_process:
+        return
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from helpers import checkpoint
+from helpers import checkpoint, distributed
 from helpers.config import RunConfig, load_config
 from helpers.distributed import make_accelerator
 
@@ -73,7 +73,7 @@ class Task:
     model_cls: type
     datasets: callable  # cfg -> (train, test or None)
     loss: callable  # (model, batch, cfg) -> scalar loss
-    evaluate: callable | None = None  # (model, loader, accelerator, cfg, out_dir) -> metrics dict
+    evaluate: callable | None = None  # (session, loader) -> metrics dict (on the main process)
     best_metric: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -85,42 +85,79 @@ def build_model(task: Task, cfg: RunConfig, tokenizer=None):
     return model
 
 
-def _loader(dataset, cfg: RunConfig, train: bool, accelerator):
-    from dataset import create_loader
+@dataclass
+class Session:
+    """One run's live objects; `sharded` runs keep model/optimizer out of
+    accelerate's hands (FSDP2 is applied in helpers.distributed)."""
 
-    return create_loader(
-        dataset,
-        cfg.batch_size_train if train else cfg.batch_size_test,
-        cfg.num_workers,
-        train,
-        collate_fn=dataset.collate,
-        seed=cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        device=accelerator.device,
-        max_bad_fraction=cfg.max_bad_fraction,
-    )
+    task: Task
+    cfg: RunConfig
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sharded: bool
+    out_dir: Path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def loader(self, dataset, train: bool):
+        from dataset import create_loader
+
+        cfg, acc = self.cfg, self.accelerator
+        return create_loader(
+            dataset,
+            cfg.batch_size_train if train else cfg.batch_size_test,
+            cfg.num_workers,
+            train,
+            collate_fn=dataset.collate,
+            seed=cfg.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            device=acc.device,
+            max_bad_fraction=cfg.max_bad_fraction,
+            # Sharded evaluation needs every rank to run the same number of batches.
+            pad=self.sharded and not train,
+        )
+
+    def save_checkpoint(self, progress: dict) -> None:
+        extra = (self.model, self.optimizer) if self.sharded else (None, None)
+        checkpoint.save(self.accelerator, self.ckpt_dir, progress, self.cfg.keep_last, *extra)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        extra = (self.model, self.optimizer) if self.sharded else (None, None)
+        return checkpoint.load(self.accelerator, path, *extra)
+
+    def evaluate(self, test_set) -> dict:
+        if test_set is None or self.task.evaluate is None:
+            return {}
+        return self.task.evaluate(self, self.loader(test_set, train=False))
+
+    def generate_kwargs(self) -> dict:
+        # Sharded generation: every rank keeps stepping until all are done.
+        return {"synced_gpus": True} if self.sharded else {}
 
 
 def run(task: Task, argv=None, description: str = "", default_config: str = "", default_section=None) -> dict:
     """Train (unless --evaluate) and evaluate; returns the final metrics."""
     args = parse_args(argv, description, default_config, default_section)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = load_config(
-        args.config, args.target_dataset, args.set + ([f"seed={args.seed}"] if args.seed is not None else [])
-    )
+    seed = [f"seed={args.seed}"] if args.seed is not None else []
+    cfg = load_config(args.config, args.target_dataset, args.set + seed)
     out_dir = Path(cfg.output_dir) / f"{task.name}_{args.exp_name}"
-    ckpt_dir = out_dir / "checkpoints"
     resume = None
     if args.from_checkpoint:
-        resume = checkpoint.resolve(args.from_checkpoint, ckpt_dir)
+        resume = checkpoint.resolve(args.from_checkpoint, out_dir / "checkpoints")
         if resume is None and not args.fresh_if_missing:
             raise FileNotFoundError(
-                f"--from_checkpoint: no complete checkpoint in {ckpt_dir}; pass --fresh_if_missing to start fresh"
+                f"--from_checkpoint: no complete checkpoint in {out_dir / 'checkpoints'}; "
+                "pass --fresh_if_missing to start fresh"
             )
-    accelerator = make_accelerator(
-        args.mixed_precision, cfg.grad_accum_steps, str(out_dir), cfg.tracker, args.shard_grad_op, args.full_shard
-    )
+    if args.shard_grad_op and args.full_shard:
+        raise ValueError("choose one of --shard_grad_op and --full_shard")
+    sharded = args.shard_grad_op or args.full_shard
+    accelerator = make_accelerator(args.mixed_precision, cfg.grad_accum_steps, str(out_dir), cfg.tracker, sharded)
     set_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -129,31 +166,35 @@ def run(task: Task, argv=None, description: str = "", default_config: str = "", 
     train_set, test_set = task.datasets(cfg)
     model = build_model(task, cfg)
     tokenizer = model.tokenizer
+    if sharded:
+        model = distributed.shard_model(model, accelerator, args.full_shard, args.mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).tokenizer = tokenizer
     if accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
+    session = Session(task, cfg, accelerator, model, optimizer, sharded, out_dir)
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "skipped_nan": 0}
     if resume is not None:
-        progress = checkpoint.load(accelerator, resume)
+        progress = session.load_checkpoint(resume)
         log.info("resumed from %s at epoch %d, batch %d", resume, progress["epoch"], progress["batch"])
 
-    metrics: dict = {}
     if not args.evaluate and train_set is not None:
-        metrics = train(task, cfg, accelerator, model, optimizer, train_set, test_set, progress, out_dir, ckpt_dir)
-    elif test_set is not None and task.evaluate is not None:
-        metrics = task.evaluate(model, _loader(test_set, cfg, False, accelerator), accelerator, cfg, out_dir)
+        metrics = train(session, train_set, test_set, progress)
+    else:
+        metrics = session.evaluate(test_set)
     accelerator.end_training()
     if accelerator.is_main_process:
         summary(task.name, metrics, progress)
     return metrics
 
 
-def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progress, out_dir, ckpt_dir) -> dict:
-    loader = _loader(train_set, cfg, True, accelerator)
+def train(session: Session, train_set, test_set, progress: dict) -> dict:
+    cfg, accelerator, model, optimizer = session.cfg, session.accelerator, session.model, session.optimizer
+    loader = session.loader(train_set, train=True)
     try:
         steps_per_epoch = len(loader)
     except TypeError:  # a streamed (web-scale) dataset
@@ -179,7 +220,7 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
                 group["lr"] = lr
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = task.loss(model, batch, cfg)
+                    loss = session.task.loss(model, batch, cfg)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() == 1.0
                 if finite:
                     accelerator.backward(loss)
@@ -194,7 +235,7 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
                 log.warning("non-finite loss at epoch %d batch %d: step skipped", epoch, batch_idx)
                 if nan_run >= cfg.max_nan_steps:
                     raise TrainingStopped(
-                        f"{nan_run} non-finite losses in a row; the last checkpoint in {ckpt_dir} is intact"
+                        f"{nan_run} non-finite losses in a row; the last checkpoint in {session.ckpt_dir} is intact"
                     )
                 continue
             nan_run = 0
@@ -207,29 +248,26 @@ def train(task, cfg, accelerator, model, optimizer, train_set, test_set, progres
                     {"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate}, step=progress["step"]
                 )
             if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0:
-                checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
+                session.save_checkpoint(progress)
             if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
-                checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)  # resumable mid-epoch
+                session.save_checkpoint(progress)  # resumable mid-epoch
                 return {"train/loss_epoch": loss_sum / max(1, n_loss)}
         progress.update(epoch=epoch + 1, batch=0)
-        metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)}
-        if test_set is not None and task.evaluate is not None:
-            metrics |= task.evaluate(model, _loader(test_set, cfg, False, accelerator), accelerator, cfg, out_dir)
+        metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)} | session.evaluate(test_set)
         accelerator.log(metrics, step=progress["step"])
-        key = task.best_metric
-        if key and key in metrics and (progress["best"] is None or metrics[key] > progress["best"]):
+        key = session.task.best_metric
+        improved = key in metrics and (progress["best"] is None or metrics[key] > progress["best"])
+        if improved:
             progress["best"] = metrics[key]
-            if accelerator.is_main_process:
-                checkpoint.save_best(accelerator.unwrap_model(model), out_dir / "best")
-        checkpoint.save(accelerator, ckpt_dir, progress, cfg.keep_last)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir / "final")
+        session.save_checkpoint(progress)
+        if improved:
+            checkpoint.save_model(accelerator, model, session.out_dir / "best")
+    checkpoint.save_model(accelerator, model, session.out_dir / "final")
     return metrics
 
 
 def batch_size(batch) -> int:
-    experts = batch[0]
-    return int(experts["rgb"].shape[0])
+    return int(batch[0]["rgb"].shape[0])
 
 
 def summary(task: str, metrics: dict, progress: dict) -> None:

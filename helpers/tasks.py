@@ -46,14 +46,20 @@ GT_FILES = {"coco": "coco_karpathy_test_gt.json", "nocaps": "nocaps_val_4500_cap
 
 
 @torch.no_grad()
-def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
+def caption_evaluate(session, loader) -> dict:
     from helpers.metrics import coco_caption_scores, format_caption, gather_results, nocaps_cider, write_caption_results
 
-    m = accelerator.unwrap_model(model).eval()
+    cfg, accelerator, out_dir = session.cfg, session.accelerator, session.out_dir
+    m = accelerator.unwrap_model(session.model).eval()
     results = []
     for experts, index in tqdm(loader, desc="caption eval", disable=not accelerator.is_main_process):
         captions = m.generate(
-            experts, prefix=cfg.prefix, num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length
+            experts,
+            prefix=cfg.prefix,
+            num_beams=cfg.num_beams,
+            max_length=cfg.max_length,
+            min_length=cfg.min_length,
+            **session.generate_kwargs(),
         )
         for i, caption in zip(index.tolist(), captions):
             results.append({"image_id": image_id(loader.dataset.data_list[i]), "caption": format_caption(caption)})
@@ -67,15 +73,16 @@ def caption_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
             metrics = {f"eval/{k}": v for k, v in score(results, gt).items()}
         else:
             log.info("no ground truth at %s: results written, not scored", gt)
-    model.train()
+    session.model.train()
     return metrics
 
 
 @torch.no_grad()
-def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
+def vqa_evaluate(session, loader) -> dict:
     from helpers.metrics import gather_results, vqa_accuracy, write_vqa_results
 
-    m = accelerator.unwrap_model(model).eval()
+    cfg, accelerator, out_dir = session.cfg, session.accelerator, session.out_dir
+    m = accelerator.unwrap_model(session.model).eval()
     answer_list = loader.dataset.answer_list
     results = []
     for experts, _index, questions, qids in tqdm(loader, desc="vqa eval", disable=not accelerator.is_main_process):
@@ -83,7 +90,7 @@ def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
             picks = m.rank_answers(experts, questions, answer_list, k=cfg.k_test)
             answers = [answer_list[i] for i in picks.tolist()]
         else:
-            answers = m.generate(experts, questions, num_beams=cfg.num_beams)
+            answers = m.generate(experts, questions, num_beams=cfg.num_beams, **session.generate_kwargs())
         results += [{"question_id": q, "answer": a} for q, a in zip(qids, answers)]
     results = gather_results(results, "question_id")
     metrics = {}
@@ -94,7 +101,7 @@ def vqa_evaluate(model, loader, accelerator, cfg, out_dir: Path) -> dict:
         ]
         if truth:  # a local split with answers (test-dev answers are on the evaluation server only)
             metrics = {"eval/accuracy": vqa_accuracy(results, truth)["overall"]}
-    model.train()
+    session.model.train()
     return metrics
 
 

@@ -31,6 +31,7 @@ def generate_captions(
     max_length: int = 20,
     min_length: int = 8,
     use_cache: bool = True,
+    **generate_kwargs,
 ) -> list[str]:
     """Beam search from the prompt `<s> prefix`; returns the text after the prefix."""
     image_BND = model.encode(experts)
@@ -38,7 +39,15 @@ def generate_captions(
     ids_BP = tok.input_ids[:, :-1].to(image_BND.device)  # drop </s>
     mask_BP = tok.attention_mask[:, :-1].to(image_BND.device)
     out_BL = _generate(
-        model, ids_BP, mask_BP, image_BND, use_cache, num_beams=num_beams, max_length=max_length, min_length=min_length
+        model,
+        ids_BP,
+        mask_BP,
+        image_BND,
+        use_cache,
+        num_beams=num_beams,
+        max_length=max_length,
+        min_length=min_length,
+        **generate_kwargs,
     )
     return [model.tokenizer.decode(row[ids_BP.shape[1] :], skip_special_tokens=True).strip() for row in out_BL]
 
@@ -79,7 +88,7 @@ def question_answer_tokens(tokenizer, questions, answers, device):
 
 @torch.no_grad()
 def generate_answers(
-    model, experts: dict, questions: list[str], num_beams: int = 3, use_cache: bool = True
+    model, experts: dict, questions: list[str], num_beams: int = 3, use_cache: bool = True, **generate_kwargs
 ) -> list[str]:
     image_BND = model.encode(experts)
     q_ids, q_mask = question_tokens(model.tokenizer, questions, image_BND.device)
@@ -93,6 +102,7 @@ def generate_answers(
         num_beams=num_beams,
         max_length=q_len + 10,
         min_length=q_len + 2,
+        **generate_kwargs,
         length_penalty=-1.0,
     )
     return [model.tokenizer.decode(row[q_len:], skip_special_tokens=True).lower().strip() for row in out_BL]

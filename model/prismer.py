@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import RobertaConfig
 
@@ -98,13 +98,18 @@ class Prismer(nn.Module):
         convert.load_checked(model, convert.official_to_model(state, model), name)
         return model
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Our own format: safetensors weights + the config that built them."""
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Our own format: safetensors weights + the config that built them.
+        `state_dict`: weights gathered elsewhere (e.g. from a sharded model)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict() | {"pretrained": False}
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            save_model(self, os.path.join(tmp, WEIGHTS_FILE))
+            # Every key of the official layout, tied ones included (cloned: safetensors refuses shared memory).
+            weights = self.state_dict() if state_dict is None else state_dict
+            save_file(
+                {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS_FILE)
+            )
             Path(tmp, CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 os.replace(os.path.join(tmp, name), folder / name)
@@ -118,11 +123,8 @@ class Prismer(nn.Module):
             raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a checkpoint saved by save_pretrained")
         cfg = json.loads((folder / CONFIG_FILE).read_text()) | {"pretrained": False} | overrides
         model = cls(ModelConfig.from_dict(cfg), tokenizer=tokenizer)
-        missing, unexpected = load_model(model, folder / WEIGHTS_FILE, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder / WEIGHTS_FILE} does not fit its config: missing {missing}, unexpected {unexpected}"
-            )
+        path = folder / WEIGHTS_FILE
+        convert.load_checked(model, convert.official_to_model(load_file(path), model), str(path))
         return model
 
 
