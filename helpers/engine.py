@@ -79,7 +79,10 @@ class Task:
 
 
 def build_model(task: Task, cfg: RunConfig, tokenizer=None):
-    model = task.model_cls(cfg.model_config(), tokenizer=tokenizer)
+    model_cfg = cfg.model_config()
+    if cfg.init_checkpoint:
+        model_cfg.pretrained = False  # every weight comes from the checkpoint: no CLIP/RoBERTa download
+    model = task.model_cls(model_cfg, tokenizer=tokenizer)
     if cfg.init_checkpoint:
         model.load_official(cfg.init_checkpoint)  # ours (safetensors folder) or official; grid resized
     return model
