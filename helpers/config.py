@@ -20,16 +20,11 @@ from model.config import ModelConfig
 
 
 @dataclass
-class RunConfig:
-    # model (see model.config.ModelConfig)
+class RunConfig(ModelConfig):
+    """A run's keys: the model's (ModelConfig, validated first) and these."""
+
     prismer_model: str | dict = "prismer_base"
     experts: list[str] = field(default_factory=lambda: list(PRISMER_EXPERTS))
-    image_resolution: int = 224
-    freeze: str = "none"
-    pretrained: bool = True
-    clip: str | None = None
-    roberta: str | None = None
-    tokenizer: str | None = None
     # data (the official keys; see dataset.create_dataset)
     dataset: str = "coco"
     datasets: list[str] = field(default_factory=list)
@@ -75,17 +70,14 @@ class RunConfig:
     seed: int = 42
 
     def __post_init__(self):
+        super().__post_init__()
         if self.schedule not in ("cosine_step", "cosine_epoch"):
             raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
         if self.inference not in ("rank", "generate"):
             raise ValueError(f"inference must be rank or generate, not {self.inference!r}")
-        self.model_config()  # validates the model keys now, not after data loading
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(dataclasses.asdict(self), strict=False)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:

@@ -147,9 +147,13 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(rec
     )
 
 
-def test_unknown_key_fails_before_anything_loads(recipe):
+def test_unknown_key_or_wrong_type_fails_before_anything_loads(recipe):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['batch_size'\]"):
         train_caption.main(args(recipe, "--set", "batch_size=4"))
+    with pytest.raises(ValueError, match=r"key 'batch_size_train' must be <class 'int'>, got 'four'"):
+        train_caption.main(args(recipe, "--set", "batch_size_train=four"))
+    with pytest.raises(ValueError, match="unknown expert 'sonar'"):
+        train_caption.main(args(recipe, "--set", "experts=[depth, sonar]"))
 
 
 def test_non_finite_losses_stop_the_run_with_checkpoints_intact(recipe):
