@@ -226,11 +226,13 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
                     loss = session.task.loss(model, batch, cfg)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() == 1.0
                 if finite:
-                    accelerator.backward(loss)
-                    if cfg.grad_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                optimizer.zero_grad()
+                    accelerator.backward(loss)  # divided by grad_accum_steps
+                    if accelerator.sync_gradients:
+                        if cfg.grad_clip:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        optimizer.step()
+                if accelerator.sync_gradients or not finite:
+                    optimizer.zero_grad()
             progress.update(batch=batch_idx + 1, step=progress["step"] + 1)
             if not finite:
                 nan_run += 1

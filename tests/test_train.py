@@ -55,15 +55,52 @@ def args(recipe, *extra):
     return ["--config", str(recipe[0]), "--target_dataset", "", *extra]
 
 
-def test_caption_epoch_runs_end_to_end(recipe):
-    train_caption.main(args(recipe, "--exp_name", "e2e"))
+def test_caption_epoch_runs_end_to_end_and_scores_with_the_coco_toolkit(recipe):
+    data = Path(yaml.safe_load(recipe[0].read_text())["data_path"])
+    gt = {
+        "images": [{"id": 0}, {"id": 1}],
+        "annotations": [
+            {"id": i, "image_id": i % 2, "caption": c}
+            for i, c in enumerate(
+                ["a red square", "a white square on grey", "a square in the middle", "a bright square"]
+            )
+        ],
+    }
+    (data / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
+    metrics = train_caption.main(
+        args(recipe, "--exp_name", "e2e", "--set", "save_every_steps=1", "--set", "tracker=tensorboard")
+    )
     run = recipe[1] / "caption_e2e"
     results = json.loads((run / "caption_results_coco.json").read_text())
     assert sorted(r["image_id"] for r in results) == [0, 1]  # COCO ids from the file names
     assert all(r["caption"][0].isupper() and r["caption"].endswith(".") for r in results)
+    assert {"eval/Bleu_4", "eval/METEOR", "eval/ROUGE_L", "eval/CIDEr"} <= set(metrics)
+    assert (run / "best" / "model.safetensors").exists()
     assert (run / "final" / "model.safetensors").exists() and (run / "final" / "config.json").exists()
-    progress = json.loads(next((run / "checkpoints").glob("step_*/progress.json")).read_text())
-    assert progress == {"epoch": 1, "batch": 0, "step": 4, "best": None, "skipped_nan": 0}
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000003", "step_00000004"]  # keep_last 2 of a checkpoint every step
+    progress = json.loads((run / "checkpoints" / "step_00000004" / "progress.json").read_text())
+    assert progress == {"epoch": 1, "batch": 0, "step": 4, "best": metrics["eval/CIDEr"], "skipped_nan": 0}
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_and_clipping_run(recipe):
+    train_pretrain.main(
+        args(
+            recipe,
+            "--exp_name",
+            "acc",
+            "--set",
+            "datasets=[coco]",
+            "--set",
+            "schedule=cosine_epoch",
+            "--set",
+            "grad_accum_steps=2",
+            "--set",
+            "grad_clip=1.0",
+        )
+    )
+    assert (recipe[1] / "pretrain_acc" / "final" / "model.safetensors").exists()
 
 
 def test_vqa_epoch_runs_end_to_end(recipe):
