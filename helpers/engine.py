@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,7 +75,6 @@ class Task:
     loss: callable  # (model, batch, cfg) -> scalar loss
     evaluate: callable | None = None  # (session, loader) -> metrics dict (on the main process)
     best_metric: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_model(task: Task, cfg: RunConfig, tokenizer=None):
@@ -124,13 +123,15 @@ class Session:
             pad=self.sharded and not train,
         )
 
+    def _sharded_parts(self) -> tuple:
+        # Prepared (DDP) model and optimizer are saved by accelerate itself.
+        return (self.model, self.optimizer) if self.sharded else (None, None)
+
     def save_checkpoint(self, progress: dict) -> None:
-        extra = (self.model, self.optimizer) if self.sharded else (None, None)
-        checkpoint.save(self.accelerator, self.ckpt_dir, progress, self.cfg.keep_last, *extra)
+        checkpoint.save(self.accelerator, self.ckpt_dir, progress, self.cfg.keep_last, *self._sharded_parts())
 
     def load_checkpoint(self, path: Path) -> dict:
-        extra = (self.model, self.optimizer) if self.sharded else (None, None)
-        return checkpoint.load(self.accelerator, path, *extra)
+        return checkpoint.load(self.accelerator, path, *self._sharded_parts())
 
     def evaluate(self, test_set) -> dict:
         if test_set is None or self.task.evaluate is None:
