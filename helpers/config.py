@@ -34,7 +34,7 @@ class RunConfig(ModelConfig):
     vg_data_path: str | None = None
     cc3m_data_path: str | None = None
     cc12m_data_path: str | None = None
-    label_path: str = "data/experts"
+    label_path: str | None = "data/experts"
     label_space_path: str | None = None
     prefix: str = ""
     gt_file: str | None = None  # caption ground truth; default per dataset in data_path

@@ -92,8 +92,9 @@ def format_caption(caption: str) -> str:
 
 def write_caption_results(results: Iterable[dict], path: str | os.PathLike) -> Path:
     """Captions as `[{"image_id", "caption"}]`: the COCO results format, which is
-    also the NoCaps submission format. Captions go through `format_caption`."""
-    out = [{"image_id": int(r["image_id"]), "caption": format_caption(str(r["caption"]))} for r in results]
+    also the NoCaps submission format (integer ids); a folder of one's own
+    images keeps file paths as ids. Captions go through `format_caption`."""
+    out = [{"image_id": r["image_id"], "caption": format_caption(str(r["caption"]))} for r in results]
     _check_unique(out, "image_id")
     return write_json_atomic(out, path)
 

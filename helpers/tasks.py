@@ -34,8 +34,11 @@ def vqa_loss(model, batch, cfg):
     return model(experts, questions, answers, weights, answers_per_question=torch.tensor(per_question))
 
 
-def image_id(entry: dict):
-    """COCO ids come from the file name (COCO_val2014_000000391895.jpg); NoCaps lists carry img_id."""
+def image_id(entry: dict, dataset: str):
+    """COCO ids come from the file name (COCO_val2014_000000391895.jpg); NoCaps
+    lists carry img_id; a folder of one's own images is keyed by file path."""
+    if dataset == "demo":
+        return entry["image"]
     if "img_id" in entry:
         return entry["img_id"]
     digits = re.findall(r"\d+", Path(entry["image"]).stem)
@@ -62,7 +65,8 @@ def caption_evaluate(session, loader) -> dict:
             **session.generate_kwargs(),
         )
         for i, caption in zip(index.tolist(), captions):
-            results.append({"image_id": image_id(loader.dataset.data_list[i]), "caption": format_caption(caption)})
+            entry = loader.dataset.data_list[i]
+            results.append({"image_id": image_id(entry, cfg.dataset), "caption": format_caption(caption)})
     results = gather_results(results, "image_id")
     metrics = {}
     if accelerator.is_main_process:

@@ -242,3 +242,46 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(recipe):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_caption_a_folder_of_own_images_in_one_command(recipe, tmp_path):
+    from PIL import Image
+
+    from model import PrismerCaption
+
+    photos = tmp_path / "my photos"
+    (photos / "trip").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(photos / "IMG_0001.jpg")
+    Image.new("L", (64, 64), 128).save(photos / "trip" / "beach.png")
+    cfg = yaml.safe_load(recipe[0].read_text())
+    PrismerCaption({**cfg, "experts": ["none"]}).save_pretrained(tmp_path / "ckpt")
+    train_caption.main(
+        [
+            "--evaluate",
+            "--target_dataset",
+            "demo",
+            "--exp_name",
+            "mine",
+            "--set",
+            f"data_path={photos}",
+            "--set",
+            f"init_checkpoint={tmp_path / 'ckpt'}",
+            "--set",
+            f"tokenizer={cfg['tokenizer']}",
+            "--set",
+            f"prismer_model={cfg['prismer_model']}",
+            "--set",
+            "image_resolution=64",
+            "--set",
+            f"output_dir={recipe[1]}",
+            "--set",
+            "tracker=null",
+            "--set",
+            "num_workers=0",
+            "--set",
+            "max_length=8",
+        ]
+    )
+    results = json.loads((recipe[1] / "caption_mine" / "caption_results_demo.json").read_text())
+    assert [r["image_id"] for r in results] == ["IMG_0001.jpg", "trip/beach.png"]
+    assert all(r["caption"].endswith(".") for r in results)
