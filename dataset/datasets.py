@@ -87,13 +87,16 @@ class Caption(ExpertDataset):
     """`dataset`: coco (Karpathy train/test, images in `vqav2/`), nocaps
     (train on COCO Karpathy train, test on NoCaps val) or demo (a folder).
     Train samples are (experts, caption); test samples (experts, index).
-    The caption prefix is added by the model, not here."""
+    Training captions start with the config's `prefix` ("A picture of" in
+    fine-tuning), as the official data pipeline writes them; the model keeps
+    the prefix tokens out of the loss."""
 
     IMAGE_DIR = {"coco": "vqav2", "nocaps": "nocaps"}
 
     def __init__(self, config: dict, train: bool):
         super().__init__(config, train)
         self.dataset = config.get("dataset")
+        self.prefix = config.get("prefix") or ""
         root = Path(config["data_path"])
         if self.dataset not in ("coco", "nocaps"):
             raise ConfigError(f"caption dataset {self.dataset!r} is not one of 'coco', 'nocaps', 'demo'")
@@ -111,7 +114,9 @@ class Caption(ExpertDataset):
     def load(self, index, rng):
         entry = self.data_list[index]
         experts = self.reader(self.image_dir, entry["image"], rng)
-        return (experts, pre_caption(entry["caption"])) if self.train else (experts, index)
+        if not self.train:
+            return experts, index
+        return experts, pre_caption(f"{self.prefix} {entry['caption']}" if self.prefix else entry["caption"])
 
     def collate(self, samples):
         experts, second = zip(*samples)

@@ -1,7 +1,7 @@
 """Caption and question cleaning, as the official Prismer data pipeline does it.
 
-The tokenizer and the caption prefix ("A picture of") are the model's concern;
-these functions only normalise raw annotation text.
+The tokenizer is the model's concern; these functions only normalise raw
+annotation text (the caption dataset cleans "prefix + caption" as one string).
 """
 
 from __future__ import annotations

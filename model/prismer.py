@@ -130,8 +130,9 @@ class Prismer(nn.Module):
 
 class PrismerCaption(Prismer):
     def forward(self, experts: dict, captions: list[str], prefix: str = "") -> torch.Tensor:
-        """Mean over the batch of each caption's summed token loss; the prefix
-        ("A picture of" in fine-tuning) is context, not a target."""
+        """Mean over the batch of each caption's summed token loss. Captions
+        start with `prefix` ("A picture of" in fine-tuning; the caption
+        dataset writes it), whose tokens are context, not targets."""
         tok = self.tokenizer(captions, padding="longest", truncation=True, max_length=30, return_tensors="pt")
         device = experts["rgb"].device
         input_ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)

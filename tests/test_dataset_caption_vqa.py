@@ -33,7 +33,10 @@ def test_caption_train_batch_shapes_dtypes_ranges(world):
     assert det["label"].shape == (4, 64, 224, 224)
     assert det["instance"].shape == (4, 1, 224, 224) and det["instance"].dtype == torch.long
     assert set(det["instance"].unique().tolist()) <= {3, 255}
-    assert all(c.startswith("A red square number") and "." not in c for c in captions)
+    # The prefix is written before the caption and the whole cleaned as one sentence, as officially.
+    assert all(c.startswith("A picture of a red square number") and "." not in c for c in captions)
+    _, zero_shot = _batch(create_dataset("caption", {**world, "prefix": ""})[0], 4)
+    assert all(c.startswith("A red square number") for c in zero_shot)
 
 
 def test_caption_test_set_yields_indices(world):
