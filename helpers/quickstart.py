@@ -1,119 +1,138 @@
-"""The main job on built-in data, runnable on any laptop in seconds.
+"""The main job (`make quickstart`): the synthetic world end to end on a laptop.
 
-Until the synthetic world lands, it fits a small Prismer (all six experts,
-random init) to a handful of generated scenes and captions them, so a new
-user sees the whole path (tokenizer, expert encoder, resampler, decoder,
-loss, cached beam search) run end to end.
+Generates the world if missing (`dataset.world`), trains a small Prismer with
+every expert from random init through the real `train_caption.main` and
+`train_vqa.main` with the world recipes in `configs/`, scores it with the
+engine's evaluation (COCO caption metrics, VQA accuracy), writes sample
+captions beside their images (an HTML page), and prints a results table
+against baselines that ignore the image (the most frequent training caption
+for every image; the most frequent training answer for every question).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import logging
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from experts.registry import EXPERTS, PRISMER_EXPERTS
-from model import PrismerCaption
-from model.tokenizer import train_tokenizer
+from dataset.world import WorldConfig, generate
+from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
 
 log = logging.getLogger("quickstart")
-COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0), "yellow": (1.0, 0.9, 0.1)}
-SIZE = {
-    "vision": {"width": 64, "layers": 2, "patch_size": 16},
-    "roberta": {
-        "hidden_size": 64,
-        "vision_hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "max_position_embeddings": 66,
-        "pad_token_id": 1,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "type_vocab_size": 1,
-        "is_decoder": True,
-    },
-}
+# Sized so both tasks train and evaluate in about ten minutes on 2 CPU cores.
+WORLD = WorldConfig(train_scenes=600, test_scenes=100)
+RECIPES = {"caption": "configs/world_caption.yaml", "vqa": "configs/world_vqa.yaml"}
 
 
-def scene(colour: str, left: bool, res: int, label_res: int = 64) -> tuple[dict, str]:
-    """A coloured square on a grey floor, with every expert's 'label' derived from it."""
-    rgb = torch.full((3, res, res), 0.5)
-    lo, hi = (res // 8, res // 2) if left else (res // 2, 7 * res // 8)
-    rgb[:, res // 4 : 3 * res // 4, lo:hi] = torch.tensor(COLOURS[colour])[:, None, None]
-    mask = torch.nn.functional.interpolate(
-        (rgb.std(0, keepdim=True) > 0.1).float()[None], size=(label_res, label_res), mode="nearest"
-    )[0]
-    experts = {"rgb": (rgb - 0.45) / 0.27}
-    for name in PRISMER_EXPERTS:
-        e = EXPERTS[name]
-        x = mask.expand(e.channels, -1, -1) * 2 - 1
-        experts[name] = (
-            {"label": x, "instance": (mask * 254).long() + (1 - mask.long()) * 255} if name == "obj_detection" else x
+def world_overrides(root: Path) -> list[str]:
+    """`--set` arguments pointing a world recipe at the world under `root`."""
+    keys = {
+        "data_path": root / "data",
+        "label_path": root / "labels",
+        "label_space_path": root / "label_spaces",
+        "tokenizer": root / "tokenizer",
+    }
+    return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
+
+
+def caption_baseline(data_path: Path) -> tuple[str, dict]:
+    """The most frequent training caption, scored as the answer for every test image."""
+    train = json.loads((data_path / "coco_karpathy_train.json").read_text())
+    caption = Counter(e["caption"] for e in train).most_common(1)[0][0]
+    gt = json.loads((data_path / "coco_karpathy_test_gt.json").read_text())
+    results = [{"image_id": im["id"], "caption": format_caption(caption)} for im in gt["images"]]
+    return caption, coco_caption_scores(results, data_path / "coco_karpathy_test_gt.json")
+
+
+def vqa_baseline(data_path: Path) -> tuple[str, float]:
+    """The answer with the most training weight, given to every test question."""
+    votes = Counter()
+    for e in json.loads((data_path / "vqav2_train_val.json").read_text()):
+        for answer, weight in zip(e["answer"], e.get("weight", [1.0] * len(e["answer"]))):
+            votes[answer] += weight
+    answer = votes.most_common(1)[0][0]
+    test = json.loads((data_path / "vqav2_test.json").read_text())
+    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
+    results = [{"question_id": e["question_id"], "answer": answer} for e in test]
+    return answer, vqa_accuracy(results, truth)["overall"]
+
+
+def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:
+    """An HTML page of the first `n` test images, each beside its generated
+    caption and references (images linked, not copied)."""
+    results = {r["image_id"]: r["caption"] for r in json.loads((run_dir / "caption_results_coco.json").read_text())}
+    gt = json.loads((data_path / "coco_karpathy_test_gt.json").read_text())
+    refs = {}
+    for a in gt["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    rows = []
+    for im in gt["images"][:n]:
+        src = os.path.relpath(data_path / "vqav2" / im["file_name"], run_dir)
+        ref = "<br>".join(html.escape(c) for c in refs[im["id"]])
+        rows.append(
+            f'<tr><td><img src="{html.escape(src)}" width="128"></td>'
+            f"<td><b>{html.escape(results.get(im['id'], '(none)'))}</b></td><td>{ref}</td></tr>"
         )
-    return experts, f"a {colour} square on the {'left' if left else 'right'}"
+    page = run_dir / "samples.html"
+    page.write_text(
+        "<html><body><table border=1><tr><th>image</th><th>Prismer</th><th>references</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+    return page
 
 
-def batch(items: list[dict]) -> dict:
-    out = {}
-    for k, v in items[0].items():
-        out[k] = (
-            {kk: torch.stack([i[k][kk] for i in items]) for kk in v}
-            if isinstance(v, dict)
-            else torch.stack([i[k] for i in items])
-        )
-    return out
+def run_caption(root: Path, exp_name: str, extra: list[str]) -> dict:
+    import train_caption
+
+    args = ["--config", RECIPES["caption"], "--target_dataset", "", "--exp_name", exp_name]
+    return train_caption.main(args + world_overrides(root) + extra)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_vqa(root: Path, exp_name: str, extra: list[str]) -> dict:
+    import train_vqa
+
+    args = ["--config", RECIPES["vqa"], "--exp_name", exp_name]
+    return train_vqa.main(args + world_overrides(root) + extra)
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--out", default="outputs/quickstart")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default="data/world", help="where the world is (generated if missing)")
+    p.add_argument("--task", choices=["caption", "vqa", "both"], default="both")
+    p.add_argument("--output_dir", default="outputs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-
-    scenes = [scene(c, left, 64) for c in COLOURS for left in (True, False)]
-    captions = [c for _, c in scenes]
-    tokenizer = train_tokenizer(captions * 10, 300, Path(args.out) / "tokenizer")
-    model = PrismerCaption(
-        {
-            "prismer_model": SIZE | {"roberta": SIZE["roberta"] | {"vocab_size": len(tokenizer)}},
-            "experts": list(PRISMER_EXPERTS),
-            "image_resolution": 64,
-            "pretrained": False,
-        },
-        tokenizer=tokenizer,
-    )
-    experts = batch([s for s, _ in scenes])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
-    t0, losses = time.time(), []
-    model.train()
-    for _ in (bar := tqdm(range(args.steps), desc="train", unit="step")):
-        loss = model(experts, captions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    generated = model.generate(experts, min_length=2)  # these captions are shorter than COCO's
-    correct = sum(g == c for g, c in zip(generated, captions))
-    print(f"\n{'reference':<32} {'generated':<32}")
-    for c, g in zip(captions, generated):
-        print(f"{c:<32} {g:<32}")
-    print(
-        f"\nloss {losses[0]:.2f} -> {losses[-1]:.2f} in {args.steps} steps ({time.time() - t0:.0f} s); "
-        f"{correct}/{len(captions)} captions exact"
-    )
-    saved = model.save_pretrained(Path(args.out) / "model")
-    log.info("model saved to %s", saved)
-    return {"first_loss": losses[0], "last_loss": losses[-1], "exact": correct, "total": len(captions)}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    t0 = time.perf_counter()
+    root = generate(WORLD, args.root)
+    data = root / "data"
+    extra = [a for kv in [f"output_dir={args.output_dir}", *args.set] for a in ("--set", kv)]
+    rows = []
+    if args.task in ("caption", "both"):
+        metrics = run_caption(root, "world", extra)
+        page = write_samples(Path(args.output_dir) / "caption_world", data)
+        log.info("sample captions beside their images: %s", page)
+        caption, base = caption_baseline(data)
+        for key in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
+            rows.append(("caption", "Prismer, all experts", key, 100 * metrics[f"eval/{key}"]))
+            rows.append(("caption", f"most frequent caption ({caption!r})", key, 100 * base[key]))
+    if args.task in ("vqa", "both"):
+        metrics = run_vqa(root, "world", extra)
+        answer, base = vqa_baseline(data)
+        rows.append(("vqa", "Prismer, all experts", "accuracy", metrics["eval/accuracy"]))
+        rows.append(("vqa", f"most frequent answer ({answer!r})", "accuracy", base))
+    print(f"\nResults on the synthetic world's test split ({time.perf_counter() - t0:.0f} s in all)")
+    width = max(len(r[1]) for r in rows)
+    print(f"{'task':<8} {'model':<{width}} {'metric':<9} {'score':>7}")
+    for task, model, metric, score in rows:
+        print(f"{task:<8} {model:<{width}} {metric:<9} {score:7.1f}")
+    return rows
 
 
 if __name__ == "__main__":
