@@ -15,7 +15,7 @@ from dataset.label_space import load_label_spaces
 from dataset.lists import ConfigError, load_data_list
 from dataset.sample import ExpertReader, stack_experts
 from dataset.text import pre_caption, pre_question
-from dataset.transforms import Transform
+from dataset.transforms import LABEL_SIZE, Transform
 from experts.registry import EXPERTS, parse_experts
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,12 @@ def make_reader(config: dict, train: bool, scale=(0.5, 1.0)) -> ExpertReader:
         raise ConfigError(f"config lacks 'label_path' (experts {experts} need labels)")
     painted = any(EXPERTS[e].painted for e in experts)
     spaces = load_label_spaces(config.get("label_space_path")) if painted else None
-    transform = Transform(config["image_resolution"], train=train, scale=scale)
+    transform = Transform(
+        config["image_resolution"],
+        train=train,
+        scale=scale,
+        label_resolution=config.get("label_resolution") or LABEL_SIZE,
+    )
     return ExpertReader(config["data_path"], config.get("label_path"), experts, spaces, transform)
 
 

@@ -139,8 +139,11 @@ class Transform:
     """PIL image + labels -> tensors. `labels` maps expert name -> PIL image at
     the image's size (dense: 'L'/'RGB' values; painted experts: 'L' ids)."""
 
-    def __init__(self, resolution: int, train: bool, scale=(0.5, 1.0)):
+    def __init__(self, resolution: int, train: bool, scale=(0.5, 1.0), label_resolution: int = LABEL_SIZE):
         self.resolution = int(resolution)
+        # 224 as officially; smaller only for small-scale research (the stems
+        # and positional embedding adapt to any label grid).
+        self.label_resolution = int(label_resolution)
         self.train = train
         self.scale = tuple(scale)
         # Shortest image side that still gives the smallest random crop
@@ -155,7 +158,8 @@ class Transform:
             image = image.crop(box)
             labels = {k: x.crop(box) for k, x in labels.items()}
         image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
-        labels = {k: x.resize((LABEL_SIZE, LABEL_SIZE), Image.NEAREST) for k, x in labels.items()}
+        size = (self.label_resolution, self.label_resolution)
+        labels = {k: x.resize(size, Image.NEAREST) for k, x in labels.items()}
         if self.train:
             if rng.random() > 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)

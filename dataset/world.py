@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from dataset.files import write_ocr_record
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
+from dataset.text import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ WALLS = {"grey": (150, 150, 155), "beige": (205, 190, 160), "teal": (90, 140, 14
 FLOORS = {"wooden": (135, 95, 60), "dark": (70, 70, 75), "tiled": (180, 180, 170)}
 NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 MAX_OBJECTS = 8
+TOKENIZER_VOCAB = 1000  # the world recipes' vocab_size
 # Semantic classes (seg_coco and seg_ade spaces) and detection classes of the world.
 SEG_CLASSES = ("floor", "wall", "sign", *SHAPES)
 DET_CLASSES = (*SHAPES, "sign")
@@ -644,9 +646,12 @@ def _finish(cfg: WorldConfig, root: Path, chunks: int) -> None:
     dump("vqav2_test.json", [qa(r, j, q, True) for r in test for j, q in enumerate(r["questions"])])
     dump("answer_list.json", answer_list(cfg))
     write_label_spaces(root / "label_spaces")
-    texts = [c for r in train for c in r["captions"]] + [q["question"] for r in train for q in r["questions"]]
-    texts += answer_list(cfg)
-    train_tokenizer(texts, 400, root / "tokenizer")
+    # The texts in the form the model reads them: cleaned captions, "<s>Question?",
+    # " Answer</s>" (capitalised, as the VQA head writes answers).
+    texts = [pre_caption(c) for r in train for c in r["captions"]]
+    texts += [pre_question(q["question"]) for r in train for q in r["questions"]]
+    texts += [" " + a.capitalize() for a in answer_list(cfg)] * 20
+    train_tokenizer(texts, TOKENIZER_VOCAB, root / "tokenizer")
     _atomic_bytes(root / "scenes.json", json.dumps(records).encode())
     _atomic_bytes(root / "world.json", json.dumps({"config": cfg.to_dict(), "scenes": len(records)}, indent=1).encode())
     log.info("world complete at %s: %d train, %d test scenes", root, len(train), len(test))

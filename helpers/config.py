@@ -36,6 +36,7 @@ class RunConfig(ModelConfig):
     cc12m_data_path: str | None = None
     label_path: str | None = "data/experts"
     label_space_path: str | None = None
+    label_resolution: int = 224  # official; smaller only for small-scale research
     prefix: str = ""
     gt_file: str | None = None  # caption ground truth; default per dataset in data_path
     num_workers: int = 4
