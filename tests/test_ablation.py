@@ -79,7 +79,7 @@ def test_fast_ablation_end_to_end(world, tmp_path):
     out = tmp_path / "out"
     argv = ["--fast", "--root", str(world), "--output_dir", str(out), "--sizes", "4", "8"]
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
-    argv += ["--corrupt", "seg_coco:noise", "--set", "max_epoch=1"]
+    argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8"]
     rows = ablation.main(argv)
     # PrismerZ at 4 and 8 scenes, clean Prismer at 8 (the reference), Prismer with noisy seg at 8.
     assert len(rows) == 4 * 2
