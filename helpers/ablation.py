@@ -74,6 +74,14 @@ DEFAULTS = {  # --fast: everything smaller, same experiment
 }
 
 
+def relink(link: Path, target: Path) -> None:
+    """`link` -> `target`, replacing an older link: a reused output folder must
+    not keep pointing at a previous world."""
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
 def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> Path:
     """A data folder training on the world's first `n` scenes: the VQA training
     list filtered to their images, everything else linked to the world's."""
@@ -82,9 +90,7 @@ def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     src = world / "data"
     for name in ("vqav2", "vqav2_test.json", "answer_list.json"):
-        link = out / name
-        if not link.exists():
-            link.symlink_to((src / name).resolve())
+        relink(out / name, src / name)
     keep = {image_name(i, cfg) for i in range(n)}
     train = [e for e in json.loads((src / "vqav2_train_val.json").read_text()) if e["image"] in keep]
     (out / "vqav2_train_val.json").write_text(json.dumps(train))
@@ -103,9 +109,8 @@ def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 
         raise ValueError(f"noise is defined for dense and class-map experts, not {expert} ({spec.kind})")
     out.mkdir(parents=True, exist_ok=True)
     for child in labels.iterdir():
-        link = out / child.name
-        if child.name != expert and not link.exists():
-            link.symlink_to(child.resolve())
+        if child.name != expert:
+            relink(out / child.name, child)
     target = out / expert
     if target.exists():
         shutil.rmtree(target)

@@ -60,6 +60,20 @@ def test_corrupted_labels_are_valid_and_different(world, tmp_path, expert, mode)
     assert torch.equal(clean["rgb"], bad["rgb"])
 
 
+def test_reused_output_folder_is_relinked_to_the_current_world(world, tmp_path):
+    """A folder left by an earlier, different world must not keep its links."""
+    stale = tmp_path / "old_world"
+    (stale / "edge").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "edge").symlink_to(stale / "edge")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "vqav2").symlink_to(stale)
+    ablation.corrupt_labels(world / "labels", "depth", "noise", tmp_path / "labels")
+    ablation.subset_data(world, TINY, 2, tmp_path / "d")
+    assert (tmp_path / "labels" / "edge").resolve() == (world / "labels" / "edge").resolve()
+    assert (tmp_path / "d" / "vqav2").resolve() == (world / "data" / "vqav2").resolve()
+
+
 def test_unknown_corruption_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match="noise is defined"):
         ablation.corrupt_labels(world / "labels", "ocr_detection", "noise", tmp_path)
