@@ -204,7 +204,10 @@ def plot(summary: list[dict], path: Path) -> Path:
                 label=model,
             )
     ax.set_xscale("log")
-    ax.set_xlabel("training scenes (4 questions each)")
+    sizes = sorted({s["train_scenes"] for s in summary})
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel("training scenes")
     ax.set_ylabel("VQA accuracy on the test scenes (%)")
     ax.set_title("Expert ablation on the synthetic world (mean ± std over seeds)")
     ax.legend(fontsize=8)
