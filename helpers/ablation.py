@@ -1,0 +1,307 @@
+"""The paper's expert ablations in miniature, on the built-in synthetic world.
+
+(a) Data efficiency: PrismerZ (RGB only), Prismer (all six experts) and
+single-expert models trained on the first N training scenes for several N.
+(b) Robustness: Prismer with one expert's labels replaced by noise or by a
+corrupted version of themselves (each image given another image's label),
+against clean Prismer at the same N.
+
+Every run goes through the real paths: `dataset.world.generate`, the recipe
+`configs/world_vqa.yaml` with `--set` overrides, `train_vqa.main` and its
+evaluation. The metric is VQA accuracy (percent, the engine's `eval/accuracy`):
+ranking a short answer list is cheap (no beam search, no pycocoevalcap), and the
+world's questions (colour, shape, count, which is closer) ask for exactly what
+the experts encode, while the README found world captions barely image-dependent.
+
+One world is generated with the largest N; a size-N run trains on a copy of the
+VQA training list keeping the first N scenes' questions (images linked, not
+copied) and is evaluated on the same test scenes as every other run. Corrupted
+experts are real label trees (same PNG formats) that `label_path` points at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dataset.world import WorldConfig, generate, image_name
+from experts.registry import EXPERTS
+from helpers.quickstart import world_overrides
+
+log = logging.getLogger("ablation")
+
+ALL_EXPERTS = ["depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection"]
+MODELS = {
+    "PrismerZ": ["none"],
+    "Prismer": ALL_EXPERTS,
+    "depth": ["depth"],
+    "seg_coco": ["seg_coco"],
+    "obj_detection": ["obj_detection"],
+}
+CORRUPTIONS = ("noise", "shuffle")
+RECIPE = "configs/world_vqa.yaml"
+# Sized by measurement on 2 CPU cores: all six experts train at ~50 samples/s
+# on an idle machine (~3 while other jobs ran), RGB only faster. Two epochs per
+# run: below ~50 steps the 20-step warmup leaves the model near its init.
+DEFAULTS = {  # --fast: everything smaller, same experiment
+    False: {
+        "sizes": [64, 192, 576],
+        "test_scenes": 100,
+        "models": list(MODELS),
+        "corrupt": ["depth:noise", "seg_coco:noise", "seg_coco:shuffle"],
+        "robust_size": 192,
+        "epochs": 2,
+    },
+    True: {
+        "sizes": [32, 96],
+        "test_scenes": 50,
+        "models": ["PrismerZ", "Prismer", "seg_coco"],
+        "corrupt": ["seg_coco:noise", "depth:shuffle"],
+        "robust_size": 96,
+        "epochs": 2,
+    },
+}
+
+
+def relink(link: Path, target: Path) -> None:
+    """`link` -> `target`, replacing an older link: a reused output folder must
+    not keep pointing at a previous world."""
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> Path:
+    """A data folder training on the world's first `n` scenes: the VQA training
+    list filtered to their images, everything else linked to the world's."""
+    if not 1 <= n <= cfg.train_scenes:
+        raise ValueError(f"training size {n} is outside the world's 1..{cfg.train_scenes} training scenes")
+    out.mkdir(parents=True, exist_ok=True)
+    src = world / "data"
+    for name in ("vqav2", "vqav2_test.json", "answer_list.json"):
+        relink(out / name, src / name)
+    keep = {image_name(i, cfg) for i in range(n)}
+    train = [e for e in json.loads((src / "vqav2_train_val.json").read_text()) if e["image"] in keep]
+    (out / "vqav2_train_val.json").write_text(json.dumps(train))
+    return out
+
+
+def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 0) -> Path:
+    """A label tree equal to `labels` except `expert`, whose files are rewritten
+    in the same formats: 'noise' (uniform random values for dense maps, random
+    class ids for class maps) or 'shuffle' (every image gets another image's
+    label files, a plausible but wrong expert). Other experts are linked."""
+    if mode not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {mode!r}; known: {CORRUPTIONS}")
+    spec = EXPERTS[expert]
+    if mode == "noise" and spec.kind not in ("dense", "class_map"):
+        raise ValueError(f"noise is defined for dense and class-map experts, not {expert} ({spec.kind})")
+    out.mkdir(parents=True, exist_ok=True)
+    for child in labels.iterdir():
+        if child.name != expert:
+            relink(out / child.name, child)
+    target = out / expert
+    if target.exists():
+        shutil.rmtree(target)
+    pngs = sorted((labels / expert).rglob("*.png"))
+    rng = np.random.default_rng(seed)
+    if mode == "shuffle":
+        order = rng.permutation(len(pngs))
+        donors = {pngs[order[i]]: pngs[order[(i + 1) % len(pngs)]] for i in range(len(pngs))}  # a derangement
+    elif spec.kind == "class_map":
+        names = json.loads((labels.parent / "label_spaces" / "label_names.json").read_text())
+        num_classes = len(names[spec.label_space])
+    for png in tqdm(pngs, desc=f"{expert}: {mode}", unit="label"):
+        dst = target / png.relative_to(labels / expert)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "shuffle":
+            donor = donors[png]
+            for f in donor.parent.glob(donor.stem + ".*"):  # the PNG and its sidecars (classes, words)
+                shutil.copyfile(f, dst.with_suffix(f.suffix))
+            continue
+        with Image.open(png) as img:
+            size, img_mode = img.size, img.mode
+        if spec.kind == "class_map":
+            arr = rng.integers(0, num_classes, (size[1], size[0]), dtype=np.uint8)
+        else:
+            bands = len(Image.new(img_mode, (1, 1)).getbands())
+            arr = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+            arr = arr[..., 0] if bands == 1 else arr
+        Image.fromarray(arr, img_mode).save(dst)
+    return out
+
+
+def train_eval(
+    world: Path, data: Path, labels: Path, experts: list[str], seed: int, out: Path, extra: list[str]
+) -> dict:
+    """One real `train_vqa.main` run; returns its metrics dict."""
+    import train_vqa
+
+    keys = {
+        "experts": f"[{','.join(experts)}]",
+        "seed": seed,
+        "output_dir": out,
+        "data_path": data,
+        "label_path": labels,
+    }
+    sets = [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
+    args = ["--config", RECIPE, "--exp_name", "run", *world_overrides(world), *sets, *extra]
+    return train_vqa.main(args)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std (over seeds) of accuracy per experiment, model and size."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["experiment"], r["model"], r["train_scenes"])].append(r["accuracy"])
+    return [
+        {
+            "experiment": e,
+            "model": m,
+            "train_scenes": n,
+            "seeds": len(v),
+            "mean": statistics.fmean(v),
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+        }
+        for (e, m, n), v in groups.items()
+    ]
+
+
+def plot(summary: list[dict], path: Path) -> Path:
+    """Accuracy vs training scenes per model (mean ± std over seeds), plus the
+    robustness runs as points at their size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for experiment, marker, style in (("data", "o", "-"), ("robust", "x", "none")):
+        by_model = defaultdict(list)
+        for s in summary:
+            if s["experiment"] == experiment:
+                by_model[s["model"]].append(s)
+        for model, pts in sorted(by_model.items()):
+            pts.sort(key=lambda s: s["train_scenes"])
+            ax.errorbar(
+                [s["train_scenes"] for s in pts],
+                [s["mean"] for s in pts],
+                yerr=[s["std"] for s in pts],
+                marker=marker,
+                linestyle=style,
+                capsize=3,
+                label=model,
+            )
+    ax.set_xscale("log")
+    sizes = sorted({s["train_scenes"] for s in summary})
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel("training scenes")
+    ax.set_ylabel("VQA accuracy on the test scenes (%)")
+    ax.set_title("Expert ablation on the synthetic world (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(rows: list[dict], summary: list[dict], out: Path) -> None:
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def print_table(summary: list[dict]) -> None:
+    width = max(len(s["model"]) for s in summary)
+    print(f"\n{'experiment':<10} {'model':<{width}} {'scenes':>6} {'seeds':>5} {'accuracy':>14}")
+    for s in summary:
+        acc = f"{s['mean']:.1f} ± {s['std']:.1f}"
+        print(f"{s['experiment']:<10} {s['model']:<{width}} {s['train_scenes']:>6} {s['seeds']:>5} {acc:>14}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fast", action="store_true", help="small sizes and fewer models (minutes, not an hour)")
+    p.add_argument("--root", default=None, help="where the ablation world is (generated if missing)")
+    p.add_argument("--output_dir", default="outputs/ablation")
+    p.add_argument("--sizes", type=int, nargs="+", help="training scenes per point")
+    p.add_argument("--test_scenes", type=int)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per point (0..seeds-1)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS))
+    p.add_argument(
+        "--corrupt", nargs="*", metavar="EXPERT:MODE", help=f"Prismer with a bad expert; MODE in {CORRUPTIONS}"
+    )
+    p.add_argument("--robust_size", type=int, help="training scenes of the robustness runs")
+    p.add_argument("--epochs", type=int, help="max_epoch of every run")
+    p.add_argument("--world_resolution", type=int, default=128)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.fast].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    corruptions = [c.split(":") for c in args.corrupt]
+    for c in corruptions:
+        if len(c) != 2 or c[0] not in EXPERTS or c[1] not in CORRUPTIONS:
+            p.error(f"--corrupt wants EXPERT:MODE with MODE in {CORRUPTIONS}, got {':'.join(c)!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    t0 = time.perf_counter()
+    cfg = WorldConfig(
+        train_scenes=max(*args.sizes, args.robust_size), test_scenes=args.test_scenes, resolution=args.world_resolution
+    )
+    root = Path(args.root or f"data/ablation_world_{cfg.train_scenes}_{cfg.test_scenes}_{cfg.resolution}")
+    world = generate(cfg, root)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [a for kv in [f"max_epoch={args.epochs}", *args.set] for a in ("--set", kv)]
+
+    jobs = [("data", m, MODELS[m], None, n) for n in args.sizes for m in args.models]
+    if corruptions and ("Prismer" not in args.models or args.robust_size not in args.sizes):
+        jobs.append(("data", "Prismer", ALL_EXPERTS, None, args.robust_size))  # the clean reference
+    jobs += [("robust", f"Prismer, {e} {mode}", ALL_EXPERTS, (e, mode), args.robust_size) for e, mode in corruptions]
+    rows = []
+    for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
+        data = subset_data(world, cfg, n, out / "data" / f"train{n}")
+        labels = world / "labels"
+        if corruption is not None:
+            labels = corrupt_labels(labels, *corruption, out / "labels" / "_".join(corruption))
+        for seed in range(args.seeds):
+            t = time.perf_counter()
+            run_dir = out / "runs" / f"{experiment}_{model}_{n}_{seed}".replace(", ", "_").replace(" ", "_")
+            metrics = train_eval(world, data, labels, experts, seed, run_dir, extra)
+            rows.append(
+                {
+                    "experiment": experiment,
+                    "model": model,
+                    "experts": " ".join(experts),
+                    "train_scenes": n,
+                    "seed": seed,
+                    "accuracy": metrics["eval/accuracy"],
+                    "seconds": round(time.perf_counter() - t, 1),
+                }
+            )
+            log.info("%s, %d scenes, seed %d: accuracy %.1f", model, n, seed, rows[-1]["accuracy"])
+    summary = summarise(rows)
+    write_results(rows, summary, out)
+    png = plot(summary, out / "ablation.png")
+    print_table(summary)
+    print(f"({time.perf_counter() - t0:.0f} s in all; runs in {out / 'runs.csv'}, plot {png})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
