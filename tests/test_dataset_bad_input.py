@@ -46,7 +46,7 @@ def test_unreadable_image_is_skipped_and_counted_not_replaced(world, damage):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2] if damage == "truncated" else b"")
     loader, captions, _ = _epoch(world, num_workers=2)
-    assert captions == ["A red square number 0", "A red square number 2", "A red square number 3"]
+    assert captions == [f"A picture of a red square number {i}" for i in (0, 2, 3)]
     assert loader.skipped == 1 and loader.seen == 4
     assert "entry 1 (train2014/COCO_train2014_000000000001.jpg)" in loader.reasons[0]
 
@@ -57,7 +57,7 @@ def test_too_many_unreadable_samples_stop_with_an_error(world):
     with pytest.raises(DataError, match="3 of the 3 samples read so far are unreadable, more than 50% of 4"):
         _epoch(world, batch_size=1)
     loader, captions, _ = _epoch(world, batch_size=1, max_bad_fraction=0.8)
-    assert captions == ["A red square number 3"] and loader.skipped == 3
+    assert captions == ["A picture of a red square number 3"] and loader.skipped == 3
     with pytest.raises(DataError):
         _epoch({**world, "max_bad_fraction": 0.25}, batch_size=1)
 
@@ -123,7 +123,7 @@ def test_absent_label_means_the_expert_found_nothing(world, how):
 def test_class_id_outside_the_label_space_skips_the_sample(world):
     square_map(200, 255).save(_label(world, "seg_coco", 2))  # COCO has 133 classes
     loader, captions, _ = _epoch(world)
-    assert "A red square number 2" not in captions and len(captions) == 3
+    assert "A picture of a red square number 2" not in captions and len(captions) == 3
     assert loader.skipped == 1 and "class id 200" in loader.reasons[0] and "seg_coco" in loader.reasons[0]
 
 

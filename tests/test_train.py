@@ -167,7 +167,7 @@ def test_loss_falls_on_a_fixed_batch(recipe):
     model = PrismerCaption(cfg.model_config())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(40):
         loss = model(experts, captions, prefix="A picture of")
         opt.zero_grad()
         loss.backward()
