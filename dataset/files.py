@@ -172,7 +172,9 @@ def read_ocr_record(stem: Path) -> dict[int, dict] | None:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)` into a temporary file beside `path`, then rename: a
+    reader (or a resumed run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -211,4 +213,4 @@ def write_ocr_record(path: str | Path, words: dict[int, dict]) -> None:
 
     else:
         raise ValueError(f"{path}: OCR records are written as .json or .safetensors")
-    _atomic_write(path, write)
+    atomic_write(path, write)

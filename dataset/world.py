@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from dataset.files import write_ocr_record
+from dataset.files import atomic_write, write_ocr_record
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
 
@@ -172,25 +171,11 @@ def write_label_spaces(folder: Path) -> None:
     tensors = {f"{s}.features": torch.from_numpy(np.stack([name_feature(n) for n in v])) for s, v in names.items()}
     tensors["background.features"] = torch.from_numpy(name_feature("<background>"))[None]
     meta = {"features": "sha256-hashed names (dataset.world.name_feature), not CLIP"}
-    _atomic(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+    atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     _atomic_bytes(folder / "label_names.json", json.dumps(names, indent=1).encode())
 
 
 # ------------------------------------------------------------------- files
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a
-    reader (or a resumed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -198,7 +183,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
