@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ import torch
 from PIL import Image, ImageFile
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from helpers.files import atomic_write
 
 # A truncated file must fail, not decode to grey; the sample is then skipped.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -170,20 +171,6 @@ def read_ocr_record(stem: Path) -> dict[int, dict] | None:
             raise SampleError(f"{path}: word {key} has a feature of shape {tuple(features.shape)}, expected (64,)")
         out[word] = {"features": features, "text": str(rec.get("text", ""))}
     return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)` into a temporary file beside `path`, then rename: a
-    reader (or a resumed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_ocr_record(path: str | Path, words: dict[int, dict]) -> None:

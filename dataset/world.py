@@ -45,9 +45,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from dataset.files import atomic_write, write_ocr_record
+from dataset.files import write_ocr_record
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
+from helpers.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +30,8 @@ from pycocoevalcap.spice import spice as spice_module
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
+from helpers.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
@@ -43,17 +44,14 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     """Write JSON through a temporary file and a rename, so a killed run never
     leaves a half-written results file that a later step would read."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

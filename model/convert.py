@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from experts.registry import EXPERTS
+from helpers.files import atomic_write
 from helpers.hub import hub_file, hub_first_file
 from model.layers import resize_pos_embed
 
@@ -164,15 +164,8 @@ def export_official(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / "pytorch_model.bin"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        tmp = Path(f.name)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
