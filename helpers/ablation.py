@@ -15,8 +15,11 @@ the experts encode, while the README found world captions barely image-dependent
 
 One world is generated with the largest N; a size-N run trains on a copy of the
 VQA training list keeping the first N scenes' questions (images linked, not
-copied) and is evaluated on the same test scenes as every other run. Corrupted
-experts are real label trees (same PNG formats) that `label_path` points at.
+copied) and is evaluated on the same test scenes as every other run. Every run
+trains for about the same number of optimizer steps (smaller sets for more
+epochs, one cosine schedule over the run, evaluated once at the end), so a
+size axis measures data, not compute. Corrupted experts are real label trees
+(same PNG formats) that `label_path` points at.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 from dataset.world import WorldConfig, generate, image_name
 from experts.registry import EXPERTS
+from helpers.config import load_config
 from helpers.quickstart import world_overrides
 
 log = logging.getLogger("ablation")
@@ -51,9 +55,9 @@ MODELS = {
 }
 CORRUPTIONS = ("noise", "shuffle")
 RECIPE = "configs/world_vqa.yaml"
-# Sized by measurement on 2 CPU cores: all six experts train at ~50 samples/s
-# on an idle machine (~3 while other jobs ran), RGB only faster. Two epochs per
-# run: below ~50 steps the 20-step warmup leaves the model near its init.
+# Sized by measurement on an idle 2-core CPU: a step of 16 costs ~0.36 s with
+# all six experts (~0.12 s RGB only) and a final evaluation of 100 test scenes
+# ~17 s. Default steps: one pass over the largest size's questions.
 DEFAULTS = {  # --fast: everything smaller, same experiment
     False: {
         "sizes": [64, 192, 576],
@@ -61,7 +65,7 @@ DEFAULTS = {  # --fast: everything smaller, same experiment
         "models": list(MODELS),
         "corrupt": ["depth:noise", "seg_coco:noise", "seg_coco:shuffle"],
         "robust_size": 192,
-        "epochs": 2,
+        "steps": 144,
     },
     True: {
         "sizes": [32, 96],
@@ -69,7 +73,7 @@ DEFAULTS = {  # --fast: everything smaller, same experiment
         "models": ["PrismerZ", "Prismer", "seg_coco"],
         "corrupt": ["seg_coco:noise", "depth:shuffle"],
         "robust_size": 96,
-        "epochs": 2,
+        "steps": 48,
     },
 }
 
@@ -82,9 +86,10 @@ def relink(link: Path, target: Path) -> None:
     link.symlink_to(target.resolve())
 
 
-def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> Path:
+def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> tuple[Path, int]:
     """A data folder training on the world's first `n` scenes: the VQA training
-    list filtered to their images, everything else linked to the world's."""
+    list filtered to their images, everything else linked to the world's.
+    Returns the folder and its number of training questions."""
     if not 1 <= n <= cfg.train_scenes:
         raise ValueError(f"training size {n} is outside the world's 1..{cfg.train_scenes} training scenes")
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +99,15 @@ def subset_data(world: Path, cfg: WorldConfig, n: int, out: Path) -> Path:
     keep = {image_name(i, cfg) for i in range(n)}
     train = [e for e in json.loads((src / "vqav2_train_val.json").read_text()) if e["image"] in keep]
     (out / "vqav2_train_val.json").write_text(json.dumps(train))
-    return out
+    return out, len(train)
+
+
+def epochs_for(steps: int, questions: int, batch: int) -> int:
+    """Epochs of `questions` (last partial batch dropped) closest to `steps` optimizer steps."""
+    per_epoch = questions // batch
+    if per_epoch == 0:
+        raise ValueError(f"{questions} training questions make no batch of {batch}")
+    return max(1, round(steps / per_epoch))
 
 
 def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 0) -> Path:
@@ -164,17 +177,18 @@ def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std (over seeds) of accuracy per experiment, model and size."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["experiment"], r["model"], r["train_scenes"])].append(r["accuracy"])
+        groups[(r["experiment"], r["model"], r["train_scenes"], r["steps"])].append(r["accuracy"])
     return [
         {
             "experiment": e,
             "model": m,
             "train_scenes": n,
+            "steps": steps,
             "seeds": len(v),
             "mean": statistics.fmean(v),
             "std": statistics.stdev(v) if len(v) > 1 else 0.0,
         }
-        for (e, m, n), v in groups.items()
+        for (e, m, n, steps), v in groups.items()
     ]
 
 
@@ -227,10 +241,11 @@ def write_results(rows: list[dict], summary: list[dict], out: Path) -> None:
 
 def print_table(summary: list[dict]) -> None:
     width = max(len(s["model"]) for s in summary)
-    print(f"\n{'experiment':<10} {'model':<{width}} {'scenes':>6} {'seeds':>5} {'accuracy':>14}")
+    print(f"\n{'experiment':<10} {'model':<{width}} {'scenes':>6} {'steps':>5} {'seeds':>5} {'accuracy':>14}")
     for s in summary:
         acc = f"{s['mean']:.1f} ± {s['std']:.1f}"
-        print(f"{s['experiment']:<10} {s['model']:<{width}} {s['train_scenes']:>6} {s['seeds']:>5} {acc:>14}")
+        cols = f"{s['train_scenes']:>6} {s['steps']:>5} {s['seeds']:>5}"
+        print(f"{s['experiment']:<10} {s['model']:<{width}} {cols} {acc:>14}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--corrupt", nargs="*", metavar="EXPERT:MODE", help=f"Prismer with a bad expert; MODE in {CORRUPTIONS}"
     )
     p.add_argument("--robust_size", type=int, help="training scenes of the robustness runs")
-    p.add_argument("--epochs", type=int, help="max_epoch of every run")
+    p.add_argument("--steps", type=int, help="optimizer steps per run, about (whole epochs)")
     p.add_argument("--world_resolution", type=int, default=128)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world = generate(cfg, root)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra = [a for kv in [f"max_epoch={args.epochs}", *args.set] for a in ("--set", kv)]
+    batch = load_config(RECIPE, None, args.set).batch_size_train  # also rejects a bad --set now
 
     jobs = [("data", m, MODELS[m], None, n) for n in args.sizes for m in args.models]
     if corruptions and ("Prismer" not in args.models or args.robust_size not in args.sizes):
@@ -275,7 +290,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs += [("robust", f"Prismer, {e} {mode}", ALL_EXPERTS, (e, mode), args.robust_size) for e, mode in corruptions]
     rows = []
     for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
-        data = subset_data(world, cfg, n, out / "data" / f"train{n}")
+        data, questions = subset_data(world, cfg, n, out / "data" / f"train{n}")
+        epochs = epochs_for(args.steps, questions, batch)
+        schedule = [f"max_epoch={epochs}", "schedule=cosine_step", "eval_every_epochs=0"]
+        extra = [a for kv in [*schedule, *args.set] for a in ("--set", kv)]
         labels = world / "labels"
         if corruption is not None:
             labels = corrupt_labels(labels, *corruption, out / "labels" / "_".join(corruption))
@@ -290,6 +308,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "experts": " ".join(experts),
                     "train_scenes": n,
                     "seed": seed,
+                    "epochs": epochs,
+                    "steps": epochs * (questions // batch),
                     "accuracy": metrics["eval/accuracy"],
                     "seconds": round(time.perf_counter() - t, 1),
                 }

@@ -64,6 +64,7 @@ class RunConfig(ModelConfig):
     init_checkpoint: str | None = None  # weights to start from (ours or official)
     output_dir: str = "outputs"
     save_every_steps: int = 0  # 0: once per epoch
+    eval_every_epochs: int = 1  # 0: only after the last epoch
     keep_last: int = 2
     log_every_steps: int = 10
     tracker: str | None = "tensorboard"  # tensorboard | wandb | None
@@ -76,6 +77,10 @@ class RunConfig(ModelConfig):
             raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
         if self.inference not in ("rank", "generate"):
             raise ValueError(f"inference must be rank or generate, not {self.inference!r}")
+        if self.eval_every_epochs < 0:
+            raise ValueError(
+                f"eval_every_epochs must be >= 0 (0: only after the last epoch), not {self.eval_every_epochs}"
+            )
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(dataclasses.asdict(self), strict=False)

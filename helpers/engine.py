@@ -259,7 +259,10 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
                 session.save_checkpoint(progress)  # resumable mid-epoch
                 return {"train/loss_epoch": loss_sum / max(1, n_loss)}
         progress.update(epoch=epoch + 1, batch=0)
-        metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)} | session.evaluate(test_set)
+        metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)}
+        every = cfg.eval_every_epochs
+        if epoch + 1 == cfg.max_epoch or (every and (epoch + 1) % every == 0):
+            metrics |= session.evaluate(test_set)
         accelerator.log(metrics, step=progress["step"])
         key = session.task.best_metric
         improved = key in metrics and (progress["best"] is None or metrics[key] > progress["best"])

@@ -82,18 +82,26 @@ def test_unknown_corruption_is_refused(world, tmp_path):
 
 
 def test_subset_keeps_the_first_scenes(world, tmp_path):
-    data = ablation.subset_data(world, TINY, 3, tmp_path / "d")
+    data, questions = ablation.subset_data(world, TINY, 3, tmp_path / "d")
     train = json.loads((data / "vqav2_train_val.json").read_text())
     assert {e["image"] for e in train} == {image_name(i, TINY) for i in range(3)}
-    assert len(train) == 3 * TINY.questions_per_image
+    assert len(train) == questions == 3 * TINY.questions_per_image
     assert (data / "vqav2_test.json").read_text() == (world / "data" / "vqav2_test.json").read_text()
+
+
+def test_smaller_sets_train_more_epochs_for_the_same_steps():
+    assert ablation.epochs_for(144, questions=2304, batch=16) == 1
+    assert ablation.epochs_for(144, questions=768, batch=16) == 3
+    assert ablation.epochs_for(144, questions=250, batch=16) == 10  # 15 full batches an epoch
+    with pytest.raises(ValueError, match="no batch"):
+        ablation.epochs_for(144, questions=10, batch=16)
 
 
 def test_fast_ablation_end_to_end(world, tmp_path):
     out = tmp_path / "out"
     argv = ["--fast", "--root", str(world), "--output_dir", str(out), "--sizes", "4", "8"]
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
-    argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8"]
+    argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8", "--steps", "16", "--set", "batch_size_train=2"]
     rows = ablation.main(argv)
     # PrismerZ at 4 and 8 scenes, clean Prismer at 8 (the reference), Prismer with noisy seg at 8.
     assert len(rows) == 4 * 2
@@ -104,6 +112,8 @@ def test_fast_ablation_end_to_end(world, tmp_path):
         ("Prismer, seg_coco noise", 8),
     }
     assert all(0 <= r["accuracy"] <= 100 for r in rows)
+    # 4 questions a scene, batches of 2: 4 scenes train 2 epochs, 8 scenes 1, both 16 steps.
+    assert {(r["train_scenes"], r["epochs"], r["steps"]) for r in rows} == {(4, 2, 16), (8, 1, 16)}
     with open(out / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     summary = json.loads((out / "summary.json").read_text())

@@ -55,7 +55,8 @@ def args(recipe, *extra):
     return ["--config", str(recipe[0]), "--target_dataset", "", *extra]
 
 
-def test_caption_epoch_runs_end_to_end_and_scores_with_the_coco_toolkit(recipe):
+def write_caption_gt(recipe) -> None:
+    """Reference captions for the two test images, in the Karpathy ground-truth format."""
     data = Path(yaml.safe_load(recipe[0].read_text())["data_path"])
     gt = {
         "images": [{"id": 0}, {"id": 1}],
@@ -67,6 +68,10 @@ def test_caption_epoch_runs_end_to_end_and_scores_with_the_coco_toolkit(recipe):
         ],
     }
     (data / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
+
+
+def test_caption_epoch_runs_end_to_end_and_scores_with_the_coco_toolkit(recipe):
+    write_caption_gt(recipe)
     metrics = train_caption.main(
         args(recipe, "--exp_name", "e2e", "--set", "save_every_steps=1", "--set", "tracker=tensorboard")
     )
@@ -110,6 +115,16 @@ def test_vqa_epoch_runs_end_to_end(recipe):
     assert submission[0]["answer"] in ["red", "blue", "square"]
     train_vqa.main(args(recipe, "--exp_name", "gen", "--evaluate", "--set", "inference=generate"))
     assert json.loads((recipe[1] / "vqa_gen" / "vqa_submission.json").read_text())[0]["question_id"] == 7
+
+
+def test_evaluation_runs_every_n_epochs_and_always_after_the_last(recipe):
+    write_caption_gt(recipe)
+    sets = ["max_epoch=3", "eval_every_epochs=2", "keep_last=3"]
+    metrics = train_caption.main(args(recipe, "--exp_name", "every2", *[a for s in sets for a in ("--set", s)]))
+    assert "eval/CIDEr" in metrics
+    ckpts = sorted((recipe[1] / "caption_every2" / "checkpoints").glob("step_*"))
+    best = [json.loads((c / "progress.json").read_text())["best"] for c in ckpts]
+    assert [b is None for b in best] == [True, False, False]  # evaluated after epochs 2 and 3 only
 
 
 def test_pretrain_epoch_runs_end_to_end(recipe):
