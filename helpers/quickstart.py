@@ -6,12 +6,13 @@ every expert from random init through the real `train_caption.main` and
 engine's evaluation (COCO caption metrics, VQA accuracy), writes sample
 captions beside their images (an HTML page), and prints a results table
 against baselines that ignore the image (the most frequent training caption
-for every image; the most frequent training answer for every question).
+for every image; the most frequent training answer, overall and per question text).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import logging
@@ -49,17 +50,37 @@ def caption_baseline(data_path: Path) -> tuple[str, dict]:
     return caption, coco_caption_scores(results, data_path / "coco_karpathy_test_gt.json")
 
 
-def vqa_baseline(data_path: Path) -> tuple[str, float]:
-    """The answer with the most training weight, given to every test question."""
+def _votes(entries: list[dict]) -> Counter:
     votes = Counter()
-    for e in json.loads((data_path / "vqav2_train_val.json").read_text()):
+    for e in entries:
         for answer, weight in zip(e["answer"], e.get("weight", [1.0] * len(e["answer"]))):
             votes[answer] += weight
-    answer = votes.most_common(1)[0][0]
+    return votes
+
+
+def vqa_baseline(data_path: Path) -> tuple[str, float]:
+    """The answer with the most training weight, given to every test question."""
+    answer = _votes(json.loads((data_path / "vqav2_train_val.json").read_text())).most_common(1)[0][0]
     test = json.loads((data_path / "vqav2_test.json").read_text())
     truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
     results = [{"question_id": e["question_id"], "answer": answer} for e in test]
     return answer, vqa_accuracy(results, truth)["overall"]
+
+
+def vqa_question_prior(data_path: Path) -> float:
+    """Accuracy of answering each test question with the most frequent training
+    answer to the same question text: the best a model that ignores the image
+    can do on templated questions (unseen questions get the overall answer)."""
+    train = json.loads((data_path / "vqav2_train_val.json").read_text())
+    by_question = {}
+    for e in train:
+        by_question.setdefault(e["question"], []).append(e)
+    best = {q: _votes(es).most_common(1)[0][0] for q, es in by_question.items()}
+    fallback = _votes(train).most_common(1)[0][0]
+    test = json.loads((data_path / "vqav2_test.json").read_text())
+    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
+    results = [{"question_id": e["question_id"], "answer": best.get(e["question"], fallback)} for e in test]
+    return vqa_accuracy(results, truth)["overall"]
 
 
 def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:
@@ -106,11 +127,16 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     p.add_argument("--root", default="data/world", help="where the world is (generated if missing)")
     p.add_argument("--task", choices=["caption", "vqa", "both"], default="both")
     p.add_argument("--output_dir", default="outputs")
+    p.add_argument(
+        "--train_scenes", type=int, default=WORLD.train_scenes, help="world size (a new --root for a new size)"
+    )
+    p.add_argument("--test_scenes", type=int, default=WORLD.test_scenes)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    root = generate(WORLD, args.root)
+    world = dataclasses.replace(WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes)
+    root = generate(world, args.root)
     data = root / "data"
     extra = [a for kv in [f"output_dir={args.output_dir}", *args.set] for a in ("--set", kv)]
     rows = []
@@ -127,6 +153,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         answer, base = vqa_baseline(data)
         rows.append(("vqa", "Prismer, all experts", "accuracy", metrics["eval/accuracy"]))
         rows.append(("vqa", f"most frequent answer ({answer!r})", "accuracy", base))
+        rows.append(("vqa", "most frequent answer to the same question", "accuracy", vqa_question_prior(data)))
     print(f"\nResults on the synthetic world's test split ({time.perf_counter() - t0:.0f} s in all)")
     width = max(len(r[1]) for r in rows)
     print(f"{'task':<8} {'model':<{width}} {'metric':<9} {'score':>7}")

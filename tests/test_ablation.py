@@ -103,20 +103,23 @@ def test_fast_ablation_end_to_end(world, tmp_path):
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
     argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8", "--steps", "16", "--set", "batch_size_train=2"]
     rows = ablation.main(argv)
-    # PrismerZ at 4 and 8 scenes, clean Prismer at 8 (the reference), Prismer with noisy seg at 8.
-    assert len(rows) == 4 * 2
-    assert {(r["model"], r["train_scenes"]) for r in rows} == {
+    # PrismerZ at 4 and 8 scenes, clean Prismer at 8 (the reference), Prismer with noisy seg at 8;
+    # the image-blind question prior once per size.
+    trained = [r for r in rows if r["model"] != ablation.PRIOR]
+    assert len(trained) == 4 * 2
+    assert {(r["model"], r["train_scenes"]) for r in trained} == {
         ("PrismerZ", 4),
         ("PrismerZ", 8),
         ("Prismer", 8),
         ("Prismer, seg_coco noise", 8),
     }
+    assert sorted(r["train_scenes"] for r in rows if r["model"] == ablation.PRIOR) == [4, 8]
     assert all(0 <= r["accuracy"] <= 100 for r in rows)
     # 4 questions a scene, batches of 2: 4 scenes train 2 epochs, 8 scenes 1, both 16 steps.
-    assert {(r["train_scenes"], r["epochs"], r["steps"]) for r in rows} == {(4, 2, 16), (8, 1, 16)}
+    assert {(r["train_scenes"], r["epochs"], r["steps"]) for r in trained} == {(4, 2, 16), (8, 1, 16)}
     with open(out / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     summary = json.loads((out / "summary.json").read_text())
-    assert all(s["seeds"] == 2 for s in summary)
+    assert all(s["seeds"] == (1 if s["model"] == ablation.PRIOR else 2) for s in summary)
     with Image.open(out / "ablation.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
