@@ -5,7 +5,8 @@ at 128 px), split into drawing, encoding and writing:
 
 One process, one chunk at a time, into a temp folder (the data lists, label
 spaces and tokenizer that `generate` writes once at the end are not timed).
-Writing is sensitive to the disk: while another job flushed gigabytes of
+`write ms` is the chunk's time minus drawing and encoding (an estimate: the
+files, the JSON records and OCR sidecars). Writing is sensitive to the disk: while another job flushed gigabytes of
 checkpoints, the same 128 px scenes came out at ~130 scenes/s.
 """
 

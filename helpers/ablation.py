@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from dataset.world import WorldConfig, generate, image_name
 from experts.registry import EXPERTS
+from helpers import checkpoint
 from helpers.config import load_config
 from helpers.quickstart import vqa_question_prior, world_overrides
 
@@ -58,7 +59,7 @@ CORRUPTIONS = ("noise", "shuffle")
 RECIPE = "configs/world_vqa.yaml"
 # Sized by measurement on an idle 2-core CPU: a step of 16 costs ~0.36 s with
 # all six experts (~0.12 s RGB only) and a final evaluation of 100 test scenes
-# ~17 s. Default steps: one pass over the largest size's questions.
+# ~17 s. Default steps: one pass over the 576 scenes' questions (two over --fast's 96).
 DEFAULTS = {  # --fast: everything smaller, same experiment
     False: {
         "sizes": [64, 192, 576],
@@ -174,6 +175,14 @@ def train_eval(
     return train_vqa.main(args)
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a `train_eval` run: its progress holds the steps it trained."""
+    found = checkpoint.resolve("latest", run_dir / "vqa_run" / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} holds no complete checkpoint")
+    return found
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std (over seeds) of accuracy per experiment, model and size."""
     groups = defaultdict(list)
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--corrupt", nargs="*", metavar="EXPERT:MODE", help=f"Prismer with a bad expert; MODE in {CORRUPTIONS}"
     )
     p.add_argument("--robust_size", type=int, help="training scenes of the robustness runs")
-    p.add_argument("--steps", type=int, help="optimizer steps per run, about (whole epochs)")
+    p.add_argument("--steps", type=int, help="approximate training steps per run (rounded to whole epochs)")
     p.add_argument("--world_resolution", type=int, default=128)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
@@ -274,6 +283,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for c in corruptions:
         if len(c) != 2 or c[0] not in EXPERTS or c[1] not in CORRUPTIONS:
             p.error(f"--corrupt wants EXPERT:MODE with MODE in {CORRUPTIONS}, got {':'.join(c)!r}")
+    owned = [kv for kv in args.set if kv.split("=", 1)[0] in ("max_epoch", "schedule", "eval_every_epochs")]
+    if owned:
+        p.error(f"--set {owned[0]}: the ablation sets the schedule itself; change --steps instead")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     t0 = time.perf_counter()
@@ -290,9 +302,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if corruptions and ("Prismer" not in args.models or args.robust_size not in args.sizes):
         jobs.append(("data", "Prismer", ALL_EXPERTS, None, args.robust_size))  # the clean reference
     jobs += [("robust", f"Prismer, {e} {mode}", ALL_EXPERTS, (e, mode), args.robust_size) for e, mode in corruptions]
+    subsets = {n: subset_data(world, cfg, n, out / "data" / f"train{n}") for n in {n for *_, n in jobs}}
     rows = []
-    for n in args.sizes:  # the image-blind reference each size's models must beat
-        data, _ = subset_data(world, cfg, n, out / "data" / f"train{n}")
+    for n in sorted(subsets):  # the image-blind reference each size's models must beat
         rows.append(
             {
                 "experiment": "data",
@@ -302,12 +314,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "seed": 0,
                 "epochs": 0,
                 "steps": 0,
-                "accuracy": vqa_question_prior(data),
+                "accuracy": vqa_question_prior(subsets[n][0]),
                 "seconds": 0.0,
             }
         )
     for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
-        data, questions = subset_data(world, cfg, n, out / "data" / f"train{n}")
+        data, questions = subsets[n]
         epochs = epochs_for(args.steps, questions, batch)
         schedule = [f"max_epoch={epochs}", "schedule=cosine_step", "eval_every_epochs=0"]
         extra = [a for kv in [*schedule, *args.set] for a in ("--set", kv)]
@@ -326,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "train_scenes": n,
                     "seed": seed,
                     "epochs": epochs,
-                    "steps": epochs * (questions // batch),
+                    "steps": json.loads((last_checkpoint(run_dir) / "progress.json").read_text())["step"],
                     "accuracy": metrics["eval/accuracy"],
                     "seconds": round(time.perf_counter() - t, 1),
                 }

@@ -58,29 +58,31 @@ def _votes(entries: list[dict]) -> Counter:
     return votes
 
 
+def _vqa_score(data_path: Path, answer_for) -> float:
+    """VQA accuracy on the test list of answering each entry with `answer_for(entry)`."""
+    test = json.loads((data_path / "vqav2_test.json").read_text())
+    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
+    results = [{"question_id": e["question_id"], "answer": answer_for(e)} for e in test]
+    return vqa_accuracy(results, truth)["overall"]
+
+
 def vqa_baseline(data_path: Path) -> tuple[str, float]:
     """The answer with the most training weight, given to every test question."""
     answer = _votes(json.loads((data_path / "vqav2_train_val.json").read_text())).most_common(1)[0][0]
-    test = json.loads((data_path / "vqav2_test.json").read_text())
-    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
-    results = [{"question_id": e["question_id"], "answer": answer} for e in test]
-    return answer, vqa_accuracy(results, truth)["overall"]
+    return answer, _vqa_score(data_path, lambda e: answer)
 
 
 def vqa_question_prior(data_path: Path) -> float:
     """Accuracy of answering each test question with the most frequent training
-    answer to the same question text: the best a model that ignores the image
-    can do on templated questions (unseen questions get the overall answer)."""
+    answer to the same question text (unseen questions get the overall one):
+    what a model can learn from the training answers alone, without the image."""
     train = json.loads((data_path / "vqav2_train_val.json").read_text())
     by_question = {}
     for e in train:
         by_question.setdefault(e["question"], []).append(e)
     best = {q: _votes(es).most_common(1)[0][0] for q, es in by_question.items()}
     fallback = _votes(train).most_common(1)[0][0]
-    test = json.loads((data_path / "vqav2_test.json").read_text())
-    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
-    results = [{"question_id": e["question_id"], "answer": best.get(e["question"], fallback)} for e in test]
-    return vqa_accuracy(results, truth)["overall"]
+    return _vqa_score(data_path, lambda e: best.get(e["question"], fallback))
 
 
 def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:

@@ -97,6 +97,13 @@ def test_smaller_sets_train_more_epochs_for_the_same_steps():
         ablation.epochs_for(144, questions=10, batch=16)
 
 
+def test_schedule_keys_are_refused_before_anything_is_generated(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ablation.main(["--fast", "--root", str(tmp_path / "w"), "--set", "max_epoch=5"])
+    assert "change --steps instead" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_fast_ablation_end_to_end(world, tmp_path):
     out = tmp_path / "out"
     argv = ["--fast", "--root", str(world), "--output_dir", str(out), "--sizes", "4", "8"]
