@@ -1,0 +1,116 @@
+"""Expert labels for a folder of images, written where the datasets read them.
+
+    python generate_experts.py --expert edge --data_path data/coco --save_path labels
+    accelerate launch generate_experts.py ...   # several GPUs share the images
+
+Every image under `data_path` (recursively) gets `<save_path>/<expert>/<data_path's
+folder name>/<relative path>.png` (the official layout). Labels already written
+are skipped, so an interrupted run picks up where it stopped; each file is
+written atomically. A corrupt image is reported, counted and skipped.
+Networks implemented so far: edge (DexiNed). Weights: `--weights` (a local
+file) or the official file from the hub (`shikunl/prismer`, `expert_weights/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dataset.datasets import IMAGE_SUFFIXES
+from dataset.files import label_file
+from experts import edge
+from helpers.files import atomic_write
+from helpers.hub import hub_file
+from model.convert import OFFICIAL_REPO
+
+log = logging.getLogger("generate_experts")
+# expert -> (network module, official weight file in the hub repo)
+NETWORKS = {"edge": (edge, "expert_weights/10_model.pth")}
+
+
+class Images(torch.utils.data.Dataset):
+    """(input tensor, original (W, H), index); a corrupt file yields its error instead."""
+
+    def __init__(self, paths: list[Path], network):
+        self.paths, self.network = paths, network
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.load()
+                return self.network.preprocess(img), img.size, i
+        except Exception as e:  # PIL raises many types for bad files
+            return f"{type(e).__name__}: {e}", None, i
+
+
+def collate(samples: list) -> tuple[torch.Tensor | None, list, list]:
+    good = [s for s in samples if s[1] is not None]
+    x = torch.stack([s[0] for s in good]) if good else None
+    return x, [(s[1], s[2]) for s in good], [(s[0], s[2]) for s in samples if s[1] is None]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--expert", required=True, choices=sorted(NETWORKS))
+    p.add_argument("--data_path", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--save_path", required=True, help="label root (the datasets' label_path)")
+    p.add_argument("--weights", help="local weight file (default: the official one from the hub)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from accelerate import Accelerator
+
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_path {root} is not a folder")
+    network, weight_file = NETWORKS[args.expert]
+    paths = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+    out = {q: label_file(args.save_path, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
+    todo = [q for q in paths if not out[q].is_file()]
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    t0 = time.perf_counter()
+    counts = {"images": len(paths), "already done": len(paths) - len(todo), "written": 0, "corrupt (skipped)": 0}
+    if mine:
+        weights = args.weights or hub_file(OFFICIAL_REPO, weight_file, f"the {args.expert} expert's weights")
+        model = network.load(weights).to(accelerator.device)
+        loader = torch.utils.data.DataLoader(
+            Images(mine, network), args.batch_size, num_workers=args.num_workers, collate_fn=collate
+        )
+        bar = tqdm(loader, desc=args.expert, unit="batch", disable=not accelerator.is_local_main_process)
+        for x_B3HW, good, bad in bar:
+            for message, i in bad:
+                log.warning("%s: unreadable image, skipped (%s)", mine[i], message)
+            counts["corrupt (skipped)"] += len(bad)
+            if x_B3HW is None:
+                continue
+            with torch.no_grad(), accelerator.autocast():
+                fused_B1HW = model(x_B3HW.to(accelerator.device))[-1]
+            for (size, i), fused in zip(good, fused_B1HW):
+                label = network.to_label(fused, size)
+                atomic_write(out[mine[i]], lambda tmp, label=label: label.save(tmp, format="PNG"))
+            counts["written"] += len(good)
+    totals = {k: v for k, v in counts.items() if k in ("images", "already done")}
+    for key in ("written", "corrupt (skipped)"):
+        totals[key] = int(accelerator.reduce(torch.tensor(counts[key], device=accelerator.device), "sum").item())
+    if accelerator.is_main_process:
+        print(f"\n{args.expert} labels under {Path(args.save_path) / args.expert / root.name}")
+        for key, value in totals.items():
+            print(f"  {key:<18} {value}")
+        print(f"  {'seconds':<18} {time.perf_counter() - t0:.1f}")
+    return totals
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The edge expert (DexiNed) computes what the official network computes (../shared/experts)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from experts import edge
+from tests.conftest import shared_path
+
+
+def synthetic_weights(layout: dict) -> dict:
+    """The weights the reference outputs were computed with (../shared/experts/NOTES.md):
+    one generator per key, seeded by its index among all keys in sorted order."""
+    out = {}
+    for i, key in enumerate(sorted(layout)):
+        shape = layout[key]
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(0)
+            continue
+        g = torch.Generator().manual_seed(1000 + i)
+        if key.endswith("running_var"):
+            out[key] = 1 + 0.5 * torch.rand(shape, generator=g)
+        elif key.endswith("running_mean"):
+            out[key] = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            out[key] = (1 if key.endswith("weight") else 0) + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return json.loads(shared_path("experts", "layout_edge.json").read_text())
+
+
+def test_keys_and_shapes_are_the_official_files(layout):
+    state = edge.DexiNed().state_dict()
+    assert {k: list(v.shape) for k, v in state.items()} == layout
+
+
+@torch.no_grad()
+def test_outputs_match_the_official_network(layout, tmp_path):
+    ref = load_file(shared_path("experts", "parity_edge.safetensors"))
+    path = tmp_path / "10_model.pth"
+    torch.save(synthetic_weights(layout), path)  # the official file format: a flat state_dict
+    outs = edge.load(path)(ref["input"])
+    names = [f"out_{i}" for i in range(1, 7)] + ["fused"]
+    for name, out in zip(names, outs):
+        want = ref[f"output.{name}"]
+        assert out.shape == want.shape, name
+        assert ((out - want).norm() / want.norm()).item() < 1e-5, name
+
+
+def test_preprocessing_is_bgr_times_255_without_the_mean():
+    image = Image.fromarray(np.full((60, 90, 3), (255, 0, 128), np.uint8))
+    x = edge.preprocess(image)
+    assert x.shape == (3, 480, 480)
+    want_bgr = [(128 / 255 - 0.406) * 255, (0 - 0.456) * 255, (1 - 0.485) * 255]
+    assert torch.allclose(x.mean((1, 2)), torch.tensor(want_bgr), atol=1e-3)
+
+
+def test_label_has_dark_edges_on_white_at_the_original_size():
+    logits = torch.full((1, 32, 32), -5.0)
+    logits[0, :, 16] = 5.0  # a vertical edge
+    label = edge.to_label(logits, (64, 48))
+    assert label.mode == "L" and label.size == (64, 48)
+    a = np.asarray(label)
+    assert a[:, 32].max() < 128 and a[:, 5].min() == 255

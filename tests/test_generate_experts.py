@@ -1,0 +1,101 @@
+"""generate_experts.py end to end: real image files, a weight file in the official
+format, labels the datasets read back, resume, corrupt input, offline weights."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate_experts
+from dataset.datasets import make_reader
+from experts import edge
+from helpers.hub import DownloadError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Three real JPEGs (two sizes, one in a subfolder) and one corrupt file."""
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a.jpg": (48, 64), "b.jpg": (40, 40), "sub/c.jpg": (48, 64)}.items():
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, w // 2 :] = rng.integers(0, 255, 3)  # one vertical boundary
+        Image.fromarray(img).save(root / name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 this is no jpeg")
+    weights = tmp_path / "10_model.pth"
+    torch.save(edge.DexiNed().state_dict(), weights)  # the official format: a flat state_dict
+    return root, weights
+
+
+def run(folder, save, *extra):
+    root, weights = folder
+    argv = ["--expert", "edge", "--data_path", str(root), "--save_path", str(save), "--num_workers", "0"]
+    return generate_experts.main([*argv, "--weights", str(weights), *extra])
+
+
+def test_labels_are_written_where_the_datasets_read_them(folder, tmp_path):
+    save = tmp_path / "labels"
+    counts = run(folder, save)
+    assert counts == {"images": 4, "already done": 0, "written": 3, "corrupt (skipped)": 1}
+    for name, size in {"a": (64, 48), "b": (40, 40), "sub/c": (64, 48)}.items():
+        with Image.open(save / "edge" / "imgs" / f"{name}.png") as label:
+            assert label.mode == "L" and label.size == size
+    assert not list(save.rglob("*.tmp"))
+    reader = make_reader(
+        {
+            "data_path": str(folder[0].parent),
+            "image_resolution": 32,
+            "label_resolution": 32,
+            "experts": ["edge"],
+            "label_path": str(save),
+        },
+        train=False,
+    )
+    sample = reader("imgs", "sub/c.jpg", random.Random(0))
+    assert sample["edge"].shape == (1, 32, 32) and sample["edge"].std() > 0
+
+
+def test_a_second_run_only_does_what_is_missing(folder, tmp_path):
+    save = tmp_path / "labels"
+    run(folder, save)
+    done = save / "edge" / "imgs" / "a.png"
+    before = done.stat().st_mtime_ns
+    (save / "edge" / "imgs" / "b.png").unlink()  # as if the run had stopped before it
+    counts = run(folder, save)
+    assert counts == {"images": 4, "already done": 2, "written": 1, "corrupt (skipped)": 1}
+    assert done.stat().st_mtime_ns == before
+
+
+def test_missing_weights_offline_fail_fast_naming_the_file(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    root, _ = folder
+    argv = ["--expert", "edge", "--data_path", str(root), "--save_path", str(tmp_path / "l"), "--num_workers", "0"]
+    with pytest.raises(DownloadError, match="10_model.pth"):
+        generate_experts.main(argv)
+
+
+def test_two_processes_share_the_images(folder, tmp_path):
+    root, weights = folder
+    save = tmp_path / "labels"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "generate_experts.py")]
+    cmd += ["--expert", "edge", "--data_path", str(root), "--save_path", str(save), "--weights", str(weights)]
+    done = subprocess.run([*cmd, "--num_workers", "0"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.relative_to(save).as_posix() for p in save.rglob("*.png")) == [
+        "edge/imgs/a.png",
+        "edge/imgs/b.png",
+        "edge/imgs/sub/c.png",
+    ]
+    summary = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("written", "corrupt"))]
+    assert summary == [["written", "3"], ["corrupt", "(skipped)", "1"]]  # summed over both, printed once
