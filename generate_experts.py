@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from dataset.datasets import IMAGE_SUFFIXES
 from dataset.files import label_file
-from experts import edge
+from experts.registry import EXPERTS, generator_network
 from helpers.files import atomic_write
 from helpers.hub import hub_file
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")
-# expert -> (network module, official weight file in the hub repo)
-NETWORKS = {"edge": (edge, "expert_weights/10_model.pth")}
+NETWORKS = sorted(e.name for e in EXPERTS.values() if e.network)
 
 
 class Images(torch.utils.data.Dataset):
@@ -60,7 +59,7 @@ def collate(samples: list) -> tuple[torch.Tensor | None, list, list]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--expert", required=True, choices=sorted(NETWORKS))
+    p.add_argument("--expert", required=True, choices=NETWORKS)
     p.add_argument("--data_path", required=True, help="folder of images (searched recursively)")
     p.add_argument("--save_path", required=True, help="label root (the datasets' label_path)")
     p.add_argument("--weights", help="local weight file (default: the official one from the hub)")
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.data_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--data_path {root} is not a folder")
-    network, weight_file = NETWORKS[args.expert]
+    network = generator_network(args.expert)
     paths = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
     out = {q: label_file(args.save_path, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
     todo = [q for q in paths if not out[q].is_file()]
@@ -83,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     counts = {"images": len(paths), "already done": len(paths) - len(todo), "written": 0, "corrupt (skipped)": 0}
     if mine:
-        weights = args.weights or hub_file(OFFICIAL_REPO, weight_file, f"the {args.expert} expert's weights")
+        weights = args.weights or hub_file(
+            OFFICIAL_REPO, EXPERTS[args.expert].weights, f"the {args.expert} expert's weights"
+        )
         model = network.load(weights).to(accelerator.device)
         loader = torch.utils.data.DataLoader(
             Images(mine, network), args.batch_size, num_workers=args.num_workers, collate_fn=collate

@@ -25,6 +25,10 @@ class Expert:
     kind: str
     # Label space the ids index into (`label_spaces/` features), if any.
     label_space: str | None = None
+    # The network that generates the labels: its module under experts/ (with
+    # load, preprocess, to_label) and the official weight file in the hub repo.
+    network: str | None = None
+    weights: str | None = None
 
     @property
     def upsample(self) -> int:
@@ -55,7 +59,7 @@ EXPERTS: dict[str, Expert] = {
         Expert("rgb", 3, "rgb", "rgb"),
         Expert("depth", 1, "depth", "dense"),
         Expert("normal", 3, "normal", "dense"),
-        Expert("edge", 1, "edge", "dense"),
+        Expert("edge", 1, "edge", "dense", network="edge", weights="expert_weights/10_model.pth"),
         Expert("seg_coco", 64, "seg", "class_map", "coco"),
         Expert("seg_ade", 64, "seg", "class_map", "ade"),
         Expert("obj_detection", 64, "obj_detection", "instance", "detection"),
@@ -65,6 +69,17 @@ EXPERTS: dict[str, Expert] = {
 
 # The expert set of the released Prismer checkpoints, in the official order.
 PRISMER_EXPERTS = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection")
+
+
+def generator_network(name: str):
+    """The label-generating module of expert `name` (imported on demand: networks are heavy)."""
+    import importlib
+
+    expert = EXPERTS[name]
+    if expert.network is None:
+        ready = ", ".join(e.name for e in EXPERTS.values() if e.network)
+        raise NotImplementedError(f"no label network for {name!r} yet; implemented: {ready}")
+    return importlib.import_module(f"experts.{expert.network}")
 
 
 def parse_experts(names) -> list[str]:

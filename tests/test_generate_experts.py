@@ -15,6 +15,7 @@ from PIL import Image
 import generate_experts
 from dataset.datasets import make_reader
 from experts import edge
+from experts.registry import generator_network
 from helpers.hub import DownloadError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,3 +100,8 @@ def test_two_processes_share_the_images(folder, tmp_path):
     ]
     summary = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("written", "corrupt"))]
     assert summary == [["written", "3"], ["corrupt", "(skipped)", "1"]]  # summed over both, printed once
+
+
+def test_an_expert_without_a_network_says_which_exist():
+    with pytest.raises(NotImplementedError, match="no label network for 'depth' yet; implemented: edge"):
+        generator_network("depth")
