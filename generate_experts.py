@@ -1,10 +1,11 @@
 """Expert labels for a folder of images, written where the datasets read them.
 
-    python generate_experts.py --expert edge --data_path data/coco --save_path labels
+    python generate_experts.py --expert edge --data_path data/vqav2 --save_path labels
     accelerate launch generate_experts.py ...   # several GPUs share the images
 
 Every image under `data_path` (recursively) gets `<save_path>/<expert>/<data_path's
-folder name>/<relative path>.png` (the official layout). Labels already written
+folder name>/<relative path>.png` (the official layout, e.g. labels/edge/vqav2/
+train2014/x.png for data/vqav2/train2014/x.jpg). Labels already written
 are skipped, so an interrupted run picks up where it stopped; each file is
 written atomically. A corrupt image is reported, counted and skipped.
 Networks implemented so far: edge (DexiNed). Weights: `--weights` (a local
@@ -23,21 +24,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.datasets import IMAGE_SUFFIXES
-from dataset.files import label_file
-from experts.registry import EXPERTS, generator_network
+from dataset.files import READ_ERRORS, label_file
+from dataset.lists import ConfigError
+from experts.registry import EXPERTS, generator_network, label_networks
 from helpers.files import atomic_write
 from helpers.hub import hub_file
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")
-NETWORKS = sorted(e.name for e in EXPERTS.values() if e.network)
 
 
 class Images(torch.utils.data.Dataset):
     """(input tensor, original (W, H), index); a corrupt file yields its error instead."""
 
-    def __init__(self, paths: list[Path], network):
-        self.paths, self.network = paths, network
+    def __init__(self, paths: list[Path], preprocess):
+        self.paths, self.preprocess = paths, preprocess  # a function, not the module: workers pickle it
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,8 +47,8 @@ class Images(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[i]) as img:
                 img.load()
-                return self.network.preprocess(img), img.size, i
-        except Exception as e:  # PIL raises many types for bad files
+                return self.preprocess(img), img.size, i
+        except READ_ERRORS as e:
             return f"{type(e).__name__}: {e}", None, i
 
 
@@ -59,35 +60,45 @@ def collate(samples: list) -> tuple[torch.Tensor | None, list, list]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--expert", required=True, choices=NETWORKS)
+    p.add_argument("--expert", required=True, choices=label_networks())
     p.add_argument("--data_path", required=True, help="folder of images (searched recursively)")
     p.add_argument("--save_path", required=True, help="label root (the datasets' label_path)")
     p.add_argument("--weights", help="local weight file (default: the official one from the hub)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument(
+        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="the official labels used fp16 (GPU)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from accelerate import Accelerator
 
-    root = Path(args.data_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data_path {root} is not a folder")
-    network = generator_network(args.expert)
-    paths = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-    out = {q: label_file(args.save_path, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
-    todo = [q for q in paths if not out[q].is_file()]
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    mine = todo[accelerator.process_index :: accelerator.num_processes]
     t0 = time.perf_counter()
-    counts = {"images": len(paths), "already done": len(paths) - len(todo), "written": 0, "corrupt (skipped)": 0}
+    root, save = Path(args.data_path), Path(args.save_path)
+    if not root.is_dir():
+        raise ConfigError(f"--data_path {root} is not a folder")
+    network = generator_network(args.expert)
+    paths = sorted(
+        q
+        for q in root.rglob("*")
+        if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file() and not q.resolve().is_relative_to(save.resolve())
+    )
+    if not paths:
+        raise ConfigError(f"--data_path {root}: no {'/'.join(IMAGE_SUFFIXES)} files under it")
+    out = {q: label_file(save, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    # Split the listing, not what is left: processes that check the disk at
+    # different moments would otherwise disagree about who does which image.
+    share = paths[accelerator.process_index :: accelerator.num_processes]
+    mine = [q for q in share if not out[q].is_file()]
+    counts = {"already done": len(share) - len(mine), "written": 0, "corrupt (skipped)": 0}
     if mine:
         weights = args.weights or hub_file(
             OFFICIAL_REPO, EXPERTS[args.expert].weights, f"the {args.expert} expert's weights"
         )
         model = network.load(weights).to(accelerator.device)
         loader = torch.utils.data.DataLoader(
-            Images(mine, network), args.batch_size, num_workers=args.num_workers, collate_fn=collate
+            Images(mine, network.preprocess), args.batch_size, num_workers=args.num_workers, collate_fn=collate
         )
         bar = tqdm(loader, desc=args.expert, unit="batch", disable=not accelerator.is_local_main_process)
         for x_B3HW, good, bad in bar:
@@ -98,13 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             with torch.no_grad(), accelerator.autocast():
                 fused_B1HW = model(x_B3HW.to(accelerator.device))[-1]
-            for (size, i), fused in zip(good, fused_B1HW):
-                label = network.to_label(fused, size)
+            for (size, i), fused_1HW in zip(good, fused_B1HW):
+                label = network.to_label(fused_1HW, size)
                 atomic_write(out[mine[i]], lambda tmp, label=label: label.save(tmp, format="PNG"))
             counts["written"] += len(good)
-    totals = {k: v for k, v in counts.items() if k in ("images", "already done")}
-    for key in ("written", "corrupt (skipped)"):
-        totals[key] = int(accelerator.reduce(torch.tensor(counts[key], device=accelerator.device), "sum").item())
+    summed = accelerator.reduce(torch.tensor(list(counts.values()), device=accelerator.device), "sum").tolist()
+    totals = {"images": len(paths), **dict(zip(counts, summed))}
     if accelerator.is_main_process:
         print(f"\n{args.expert} labels under {Path(args.save_path) / args.expert / root.name}")
         for key, value in totals.items():

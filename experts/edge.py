@@ -87,10 +87,9 @@ class UpConv(nn.Module):
 
     def __init__(self, c_in: int, up_scale: int):
         super().__init__()
-        layers = []
+        layers, k = [], 2**up_scale
         for i in range(up_scale):
             c_out = 1 if i == up_scale - 1 else 16
-            k = 2**up_scale
             layers += [
                 nn.Conv2d(c_in, c_out, 1),
                 nn.ReLU(),
@@ -173,5 +172,5 @@ def to_label(fused_1HW: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """The label file's image: sigmoid, min-max to 0..255 per image (truncated to
     uint8), inverted (edges dark), resized bilinearly to the original (W, H)."""
     p_HW = torch.sigmoid(fused_1HW.float())[0].cpu().numpy()
-    scaled = (p_HW - p_HW.min()) * 255 / ((p_HW.max() - p_HW.min()) + 1e-12)
-    return Image.fromarray(255 - scaled.astype(np.uint8), "L").resize(size, Image.BILINEAR)
+    scaled_HW = (p_HW - p_HW.min()) * 255 / ((p_HW.max() - p_HW.min()) + 1e-12)
+    return Image.fromarray(255 - scaled_HW.astype(np.uint8), "L").resize(size, Image.BILINEAR)

@@ -71,14 +71,18 @@ EXPERTS: dict[str, Expert] = {
 PRISMER_EXPERTS = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection")
 
 
+def label_networks() -> list[str]:
+    """Experts whose labels `generate_experts.py` can make."""
+    return [e.name for e in EXPERTS.values() if e.network]
+
+
 def generator_network(name: str):
     """The label-generating module of expert `name` (imported on demand: networks are heavy)."""
     import importlib
 
     expert = EXPERTS[name]
     if expert.network is None:
-        ready = ", ".join(e.name for e in EXPERTS.values() if e.network)
-        raise NotImplementedError(f"no label network for {name!r} yet; implemented: {ready}")
+        raise NotImplementedError(f"no label network for {name!r} yet; implemented: {', '.join(label_networks())}")
     return importlib.import_module(f"experts.{expert.network}")
 
 

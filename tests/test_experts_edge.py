@@ -65,6 +65,13 @@ def test_preprocessing_is_bgr_times_255_without_the_mean():
     assert torch.allclose(x.mean((1, 2)), torch.tensor(want_bgr), atol=1e-3)
 
 
+def test_label_is_the_official_formula():
+    logits = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    p = torch.sigmoid(logits[0]).numpy()  # float32, as the official pipeline
+    want = 255 - ((p - p.min()) * 255 / ((p.max() - p.min()) + 1e-12)).astype(np.uint8)  # truncated, inverted
+    assert np.array_equal(np.asarray(edge.to_label(logits, (16, 16))), want)
+
+
 def test_label_has_dark_edges_on_white_at_the_original_size():
     logits = torch.full((1, 32, 32), -5.0)
     logits[0, :, 16] = 5.0  # a vertical edge

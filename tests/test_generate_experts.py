@@ -14,6 +14,7 @@ from PIL import Image
 
 import generate_experts
 from dataset.datasets import make_reader
+from dataset.lists import ConfigError
 from experts import edge
 from experts.registry import generator_network
 from helpers.hub import DownloadError
@@ -27,9 +28,9 @@ def folder(tmp_path):
     root = tmp_path / "imgs"
     (root / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name, (h, w) in {"a.jpg": (48, 64), "b.jpg": (40, 40), "sub/c.jpg": (48, 64)}.items():
+    for name, (h, w, x) in {"a.jpg": (48, 64, 32), "b.jpg": (40, 40, 10), "sub/c.jpg": (48, 64, 12)}.items():
         img = np.zeros((h, w, 3), np.uint8)
-        img[:, w // 2 :] = rng.integers(0, 255, 3)  # one vertical boundary
+        img[:, x:] = rng.integers(64, 255, 3)  # one vertical boundary, at a different place in each
         Image.fromarray(img).save(root / name)
     (root / "broken.jpg").write_bytes(b"\xff\xd8 this is no jpeg")
     weights = tmp_path / "10_model.pth"
@@ -47,10 +48,19 @@ def test_labels_are_written_where_the_datasets_read_them(folder, tmp_path):
     save = tmp_path / "labels"
     counts = run(folder, save)
     assert counts == {"images": 4, "already done": 0, "written": 3, "corrupt (skipped)": 1}
-    for name, size in {"a": (64, 48), "b": (40, 40), "sub/c": (64, 48)}.items():
+    names = ("a", "b", "sub/c")  # the good images, in the one batch the run made of them
+    images = [Image.open(folder[0] / f"{name}.jpg") for name in names]
+    with torch.no_grad():
+        fused_B1HW = edge.load(folder[1])(torch.stack([edge.preprocess(img) for img in images]))[-1]
+    for name, img, fused_1HW in zip(names, images, fused_B1HW):
+        want = edge.to_label(fused_1HW, img.size)
         with Image.open(save / "edge" / "imgs" / f"{name}.png") as label:
-            assert label.mode == "L" and label.size == size
+            assert label.mode == "L" and label.size == img.size
+            assert np.array_equal(np.asarray(label), np.asarray(want)), name  # its own image's label
     assert not list(save.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (save / "edge" / "imgs" / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     reader = make_reader(
         {
             "data_path": str(folder[0].parent),
@@ -79,6 +89,7 @@ def test_a_second_run_only_does_what_is_missing(folder, tmp_path):
 def test_missing_weights_offline_fail_fast_naming_the_file(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     root, _ = folder
     argv = ["--expert", "edge", "--data_path", str(root), "--save_path", str(tmp_path / "l"), "--num_workers", "0"]
     with pytest.raises(DownloadError, match="10_model.pth"):
@@ -91,15 +102,30 @@ def test_two_processes_share_the_images(folder, tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "generate_experts.py")]
     cmd += ["--expert", "edge", "--data_path", str(root), "--save_path", str(save), "--weights", str(weights)]
-    done = subprocess.run([*cmd, "--num_workers", "0"], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+    def launch() -> list[list[str]]:
+        done = subprocess.run([*cmd, "--num_workers", "1"], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        keys = ("already", "written", "corrupt")
+        return [line.split() for line in done.stdout.splitlines() if line.strip().startswith(keys)]
+
+    # Summed over both processes, printed once.
+    assert launch() == [["already", "done", "0"], ["written", "3"], ["corrupt", "(skipped)", "1"]]
     assert sorted(p.relative_to(save).as_posix() for p in save.rglob("*.png")) == [
         "edge/imgs/a.png",
         "edge/imgs/b.png",
         "edge/imgs/sub/c.png",
     ]
-    summary = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("written", "corrupt"))]
-    assert summary == [["written", "3"], ["corrupt", "(skipped)", "1"]]  # summed over both, printed once
+    (save / "edge" / "imgs" / "b.png").unlink()  # now one process has nothing to do
+    assert launch() == [["already", "done", "2"], ["written", "1"], ["corrupt", "(skipped)", "1"]]
+    assert (save / "edge" / "imgs" / "b.png").is_file()
+
+
+def test_a_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    argv = ["--expert", "edge", "--data_path", str(tmp_path / "empty"), "--save_path", str(tmp_path / "l")]
+    with pytest.raises(ConfigError, match="no .jpg"):
+        generate_experts.main(argv)
 
 
 def test_an_expert_without_a_network_says_which_exist():
