@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from dataset.datasets import IMAGE_SUFFIXES
-from dataset.files import READ_ERRORS, label_file
-from dataset.lists import ConfigError
+from dataset.datasets import list_images
+from dataset.files import READ_ERRORS, label_file, read_image
 from experts.registry import EXPERTS, generator_network, label_networks
 from helpers.files import atomic_write
 from helpers.hub import hub_file
@@ -45,9 +43,8 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.paths[i]) as img:
-                img.load()
-                return self.preprocess(img), img.size, i
+            img = read_image(self.paths[i])
+            return self.preprocess(img), img.size, i
         except READ_ERRORS as e:
             return f"{type(e).__name__}: {e}", None, i
 
@@ -75,16 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     root, save = Path(args.data_path), Path(args.save_path)
-    if not root.is_dir():
-        raise ConfigError(f"--data_path {root} is not a folder")
     network = generator_network(args.expert)
-    paths = sorted(
-        q
-        for q in root.rglob("*")
-        if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file() and not q.resolve().is_relative_to(save.resolve())
-    )
-    if not paths:
-        raise ConfigError(f"--data_path {root}: no {'/'.join(IMAGE_SUFFIXES)} files under it")
+    paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
     out = {q: label_file(save, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     # Split the listing, not what is left: processes that check the disk at

@@ -35,6 +35,21 @@ class Skipped:
         return f"Skipped({self.reason!r})"
 
 
+def list_images(root: Path, what: str, exclude: Path | None = None) -> list[Path]:
+    """Every image file under `root` (recursively, sorted), leaving out the `exclude` tree."""
+    if not root.is_dir():
+        raise ConfigError(f"{what}: {root} is not a folder")
+    skip = exclude.resolve() if exclude is not None else None
+    paths = [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not (skip and p.resolve().is_relative_to(skip))
+    ]
+    if not paths:
+        raise ConfigError(f"{what}: no {'/'.join(IMAGE_SUFFIXES)} files under {root}")
+    return paths
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """Augmentation randomness that depends only on (seed, epoch, index)."""
     return random.Random((seed << 80) | (epoch << 48) | index)
@@ -136,17 +151,10 @@ class ImageFolder(ExpertDataset):
     def __init__(self, config: dict):
         super().__init__(config, train=False)
         root = Path(config["data_path"])
-        if not root.is_dir():
-            raise ConfigError(f"demo images: {root} is not a folder")
+        paths = list_images(root, "demo images")
         self.reader.data_path = str(root.parent)
         self.image_dir = root.name
-        self.data_list = [
-            {"image": p.relative_to(root).as_posix()}
-            for p in sorted(root.rglob("*"))
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        ]
-        if not self.data_list:
-            raise ConfigError(f"demo images: no {'/'.join(IMAGE_SUFFIXES)} files under {root}")
+        self.data_list = [{"image": p.relative_to(root).as_posix()} for p in paths]
 
     def load(self, index, rng):
         return self.reader(self.image_dir, self.data_list[index]["image"], rng), index
