@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from accelerate import Accelerator
 
+    from helpers.distributed import stop_with_launcher
+
+    stop_with_launcher()
+
     t0 = time.perf_counter()
     root, save = Path(args.data_path), Path(args.save_path)
     network = generator_network(args.expert)

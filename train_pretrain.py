@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers.engine import run
+from helpers.engine import cli, run
 from helpers.tasks import PRETRAIN
 
 
@@ -11,4 +11,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

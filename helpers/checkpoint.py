@@ -86,13 +86,14 @@ def load(accelerator: Accelerator, path: Path, model=None, optimizer=None) -> di
 def save_model(accelerator: Accelerator, model, folder: Path) -> None:
     """Replace `folder` with the model's safetensors checkpoint in one rename.
     All ranks call this (gathering a sharded model is collective)."""
+    model = accelerator.unwrap_model(model)  # DDP's `module.` prefix must not reach the saved keys
     weights = distributed.full_state_dict(model)
     if not accelerator.is_main_process:
         return
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
+    model.save_pretrained(tmp, state_dict=weights)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)

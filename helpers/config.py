@@ -131,3 +131,33 @@ def load_config(path: str | Path, section: str | None = None, overrides: list[st
             raise ValueError(f"override {item!r} is not key=value")
         data[key.strip()] = yaml.safe_load(raw)
     return build_config(data, where)
+
+
+# What a checkpoint fixes about the model it holds; resolution and freezing stay the recipe's.
+ARCHITECTURE_KEYS = ("prismer_model", "experts", "tokenizer")
+
+
+def adopt_checkpoint_model(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, dict]:
+    """Take the architecture of `init_checkpoint` (our folder's config.json, or
+    an official name's) over the recipe's, except keys the user set explicitly.
+    Returns the new config and what was taken."""
+    import json
+
+    from model.convert import OFFICIAL_NAME, official_config
+    from model.prismer import CONFIG_FILE
+
+    source = Path(cfg.init_checkpoint)
+    if (source / CONFIG_FILE).is_file():
+        try:
+            model = json.loads((source / CONFIG_FILE).read_text())
+        except ValueError as e:
+            raise ValueError(f"{source / CONFIG_FILE} is not valid JSON ({e})") from None
+    elif not source.exists() and OFFICIAL_NAME.match(cfg.init_checkpoint):
+        model = official_config(cfg.init_checkpoint)
+    else:  # an official-layout file: its architecture must match the recipe's
+        return cfg, {}
+    current = cfg.to_dict()
+    taken = {k: model[k] for k in ARCHITECTURE_KEYS if k in model and k not in explicit and model[k] != current.get(k)}
+    if not taken:
+        return cfg, {}
+    return build_config(current | taken, f"{cfg.init_checkpoint} (init_checkpoint)"), taken

@@ -4,8 +4,12 @@ engine asks for an Accelerator (processes, DDP, autocast, trackers) and, for
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
+import os
+import signal
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +28,20 @@ SHARD_UNITS = {
     "TextLayer": ("attend", "feed_forward"),
     "CrossAttention": ("attend",),
 }
+
+
+def stop_with_launcher() -> None:
+    """Under a launcher (torchrun, `accelerate launch`), ask Linux to send this
+    worker SIGTERM when the launcher dies: a launcher killed outright forwards
+    nothing, and its workers would train on unseen. Plain `python train_*.py`
+    runs are left alone (so `nohup` still outlives the shell)."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        log.warning("could not tie this worker to its launcher (prctl errno %d)", ctypes.get_errno())
 
 
 def make_accelerator(

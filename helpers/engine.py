@@ -8,16 +8,18 @@ import itertools
 import json
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from helpers import checkpoint, distributed
-from helpers.config import RunConfig, load_config
+from helpers.config import RunConfig, adopt_checkpoint_model, load_config
 from helpers.distributed import make_accelerator
 
 log = logging.getLogger("engine")
@@ -25,6 +27,21 @@ log = logging.getLogger("engine")
 
 class TrainingStopped(RuntimeError):
     pass
+
+
+def cli(main) -> None:
+    """Run a script's `main`: a user's mistake (bad config, missing or broken
+    file, unusable data, a run that cannot train) ends in one line naming it,
+    not a traceback; PRISMER_TRACEBACK=1 shows the traceback too."""
+    from dataset.loader import DataError
+
+    try:
+        main()
+    except (ValueError, OSError, TrainingStopped, DataError) as e:
+        if os.environ.get("PRISMER_TRACEBACK"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def parse_args(argv, description: str, default_config: str, default_section: str | None):
@@ -134,9 +151,12 @@ class Session:
         return checkpoint.load(self.accelerator, path, *self._sharded_parts())
 
     def evaluate(self, test_set) -> dict:
+        """Metrics on every rank (scored on the main one), so that all ranks
+        agree whether the model improved: saving `best/` is collective when sharded."""
         if test_set is None or self.task.evaluate is None:
             return {}
-        return self.task.evaluate(self, self.loader(test_set, train=False))
+        metrics = [self.task.evaluate(self, self.loader(test_set, train=False))]
+        return broadcast_object_list(metrics)[0]
 
     def generate_kwargs(self) -> dict:
         # Sharded generation: every rank keeps stepping until all are done.
@@ -146,9 +166,14 @@ class Session:
 def run(task: Task, argv=None, description: str = "", default_config: str = "", default_section=None) -> dict:
     """Train (unless --evaluate) and evaluate; returns the final metrics."""
     args = parse_args(argv, description, default_config, default_section)
+    distributed.stop_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     seed = [f"seed={args.seed}"] if args.seed is not None else []
     cfg = load_config(args.config, args.target_dataset, args.set + seed)
+    if cfg.init_checkpoint:
+        cfg, taken = adopt_checkpoint_model(cfg, {item.partition("=")[0].strip() for item in args.set})
+        for key, value in taken.items():
+            log.info("%s: %s taken from init_checkpoint %s", key, value, cfg.init_checkpoint)
     out_dir = Path(cfg.output_dir) / f"{task.name}_{args.exp_name}"
     resume = None
     if args.from_checkpoint:
@@ -196,16 +221,55 @@ def run(task: Task, argv=None, description: str = "", default_config: str = "", 
     return metrics
 
 
-def train(session: Session, train_set, test_set, progress: dict) -> dict:
+def train_step(session: Session, batch, lr: float) -> float | None:
+    """One micro-batch: forward, backward and (when gradients sync) an
+    optimizer step. Returns the loss averaged over all ranks, or None when
+    any rank's loss is non-finite: then every rank skips the step together
+    (DDP and FSDP would otherwise hang or average a NaN into every replica)."""
     cfg, accelerator, model, optimizer = session.cfg, session.accelerator, session.model, session.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Batch-norm statistics move in forward: a skipped step must not keep what a NaN batch did to them.
+    stats = [(b, b.clone()) for b in model.buffers()]
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = session.task.loss(model, batch, cfg)
+        # One all-reduce carries both: the summed loss and the number of ranks whose loss is not finite.
+        local = loss.detach().float()
+        total = accelerator.reduce(torch.stack([local, (~torch.isfinite(local)).float()]), "sum")
+        finite = total[1].item() == 0
+        if finite:
+            accelerator.backward(loss)  # divided by grad_accum_steps
+            if accelerator.sync_gradients:
+                if cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+        else:
+            for buffer, saved in stats:
+                buffer.copy_(saved)
+        if accelerator.sync_gradients or not finite:
+            optimizer.zero_grad()
+    return total[0].item() / accelerator.num_processes if finite else None
+
+
+def train(session: Session, train_set, test_set, progress: dict) -> dict:
+    cfg, accelerator, model = session.cfg, session.accelerator, session.model
     loader = session.loader(train_set, train=True)
     try:
         steps_per_epoch = len(loader)
     except TypeError:  # a streamed (web-scale) dataset
         steps_per_epoch = None
     total_steps = steps_per_epoch * cfg.max_epoch if steps_per_epoch else None
+    log.info(
+        "training on %d process(es): global batch %d (%d per process x %d accumulation step(s)), %s steps per epoch",
+        accelerator.num_processes,
+        cfg.batch_size_train * accelerator.num_processes * cfg.grad_accum_steps,
+        cfg.batch_size_train,
+        cfg.grad_accum_steps,
+        steps_per_epoch or "unknown (streamed)",
+    )
     metrics: dict = {}
-    nan_run = 0
+    nan_run, trained, skipped = 0, 0, 0
     for epoch in range(progress["epoch"], cfg.max_epoch):
         loader.set_epoch(epoch)
         start = progress["batch"] if epoch == progress["epoch"] else 0
@@ -220,43 +284,31 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         for batch_idx, batch in enumerate(bar, start=start):
             lr = lr_at(cfg, epoch, progress["step"], total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = session.task.loss(model, batch, cfg)
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() == 1.0
-                if finite:
-                    accelerator.backward(loss)  # divided by grad_accum_steps
-                    if accelerator.sync_gradients:
-                        if cfg.grad_clip:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        optimizer.step()
-                if accelerator.sync_gradients or not finite:
-                    optimizer.zero_grad()
+            loss = train_step(session, batch, lr)
             progress.update(batch=batch_idx + 1, step=progress["step"] + 1)
-            if not finite:
-                nan_run += 1
+            if loss is None:
+                nan_run, skipped = nan_run + 1, skipped + 1
                 progress["skipped_nan"] += 1
-                log.warning("non-finite loss at epoch %d batch %d: step skipped", epoch, batch_idx)
+                log.warning("non-finite loss at epoch %d batch %d: step skipped on every rank", epoch, batch_idx)
                 if nan_run >= cfg.max_nan_steps:
                     raise TrainingStopped(
                         f"{nan_run} non-finite losses in a row; the last checkpoint in {session.ckpt_dir} is intact"
                     )
-                continue
-            nan_run = 0
-            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
-            seen += batch_size(batch) * accelerator.num_processes
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            if progress["step"] % cfg.log_every_steps == 0:
-                accelerator.log(
-                    {"train/loss": loss.item(), "train/lr": lr, "train/samples_per_s": rate}, step=progress["step"]
-                )
+            else:
+                nan_run, trained = 0, trained + 1
+                loss_sum, n_loss = loss_sum + loss, n_loss + 1
+                seen += batch_size(batch) * accelerator.num_processes
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                if progress["step"] % cfg.log_every_steps == 0:
+                    accelerator.log(
+                        {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step=progress["step"]
+                    )
             if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0:
                 session.save_checkpoint(progress)
             if cfg.max_train_steps and progress["step"] >= cfg.max_train_steps:
                 session.save_checkpoint(progress)  # resumable mid-epoch
+                check_trained(session, trained, skipped)
                 return {"train/loss_epoch": loss_sum / max(1, n_loss)}
         progress.update(epoch=epoch + 1, batch=0)
         metrics = {"train/loss_epoch": loss_sum / max(1, n_loss)}
@@ -271,8 +323,18 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
         session.save_checkpoint(progress)
         if improved:
             checkpoint.save_model(accelerator, model, session.out_dir / "best")
+    check_trained(session, trained, skipped)
     checkpoint.save_model(accelerator, model, session.out_dir / "final")
     return metrics
+
+
+def check_trained(session: Session, trained: int, skipped: int) -> None:
+    """A run none of whose steps trained must not look like a success."""
+    if trained == 0 and skipped:
+        raise TrainingStopped(
+            f"every step of this run had a non-finite loss ({skipped} skipped): nothing was "
+            f"trained and no model is written; the last checkpoint in {session.ckpt_dir} is intact"
+        )
 
 
 def batch_size(batch) -> int:

@@ -230,6 +230,64 @@ def test_non_finite_losses_stop_the_run_with_checkpoints_intact(recipe):
     assert not list(ckpts.glob(".*.tmp"))
 
 
+def test_a_run_whose_every_step_is_non_finite_fails_and_writes_no_model(recipe, tmp_path):
+    """A broken starting checkpoint (a NaN weight) makes every loss NaN: the
+    run must not end as a success with an untrained `final/`."""
+    from model import PrismerCaption
+
+    cfg = yaml.safe_load(recipe[0].read_text())
+    model = PrismerCaption(cfg)
+    with torch.no_grad():
+        model.text_decoder.roberta.embeddings.LayerNorm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(TrainingStopped, match=r"every step of this run had a non-finite loss \(4 skipped\)"):
+        train_caption.main(
+            args(
+                recipe,
+                "--exp_name",
+                "allnan",
+                "--set",
+                f"init_checkpoint={tmp_path / 'broken'}",
+                "--set",
+                "max_nan_steps=100",
+            )
+        )
+    assert not (recipe[1] / "caption_allnan" / "final").exists()
+
+
+def test_skipped_steps_count_toward_max_train_steps_and_checkpoints(recipe, tmp_path):
+    from model import PrismerCaption
+
+    cfg = yaml.safe_load(recipe[0].read_text())
+    model = PrismerCaption(cfg)
+    with torch.no_grad():
+        model.text_decoder.roberta.embeddings.LayerNorm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    extra = ["--set", f"init_checkpoint={tmp_path / 'broken'}", "--set", "max_nan_steps=100", "--set", "max_epoch=3"]
+    with pytest.raises(TrainingStopped):
+        train_caption.main(
+            args(recipe, "--exp_name", "cap", *extra, "--set", "max_train_steps=3", "--set", "save_every_steps=2")
+        )
+    ckpts = recipe[1] / "caption_cap" / "checkpoints"
+    steps = [json.loads((p / "progress.json").read_text())["step"] for p in sorted(ckpts.glob("step_*"))]
+    assert steps == [2, 3]  # saved at step 2 and where max_train_steps stopped it, not 12 steps later
+
+
+def test_our_checkpoint_brings_its_own_architecture(recipe, tmp_path):
+    """Starting from our checkpoint takes its model size, experts and tokenizer
+    over the recipe's (a one-expert model under a four-expert recipe)."""
+    from model import PrismerCaption
+
+    cfg = yaml.safe_load(recipe[0].read_text())
+    PrismerCaption({**cfg, "experts": ["depth"]}).save_pretrained(tmp_path / "ckpt")
+    init = ["--set", f"init_checkpoint={tmp_path / 'ckpt'}"]
+    train_caption.main(args(recipe, "--exp_name", "adopt", *init, "--set", "max_train_steps=1"))
+    run = recipe[1] / "caption_adopt"
+    assert json.loads((run / "config.json").read_text())["experts"] == ["depth"]
+    with pytest.raises(ValueError, match=r"trained with experts \['depth'\] but the config names"):
+        train_caption.main(args(recipe, "--exp_name", "explicit", *init, "--set", "experts=[depth, seg_coco]"))
+
+
 def _script(recipe, exp, *extra):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
