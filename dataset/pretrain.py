@@ -10,7 +10,9 @@ num_workers-th, so every (rank, worker) reads a disjoint part. Ranks get
 equally many units, not equally many samples (shards differ in size), so a
 data-parallel loop should stop all ranks at a common step count. Samples are
 shuffled within a folder or list chunk; a tar is read in its stored order
-(img2dataset already writes shards in random URL order).
+(img2dataset already writes shards in random URL order). A sample's
+augmentation depends only on (seed, epoch, unit, position in the unit), not
+on the samples read before it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def iter_tar(path: str | Path):
         yield key, files
 
 
+def stream_rng(seed: int, epoch: int, unit_seed: int, position: int) -> random.Random:
+    """Augmentation randomness of one streamed sample: (seed, epoch, unit,
+    position in the unit) only, never what the samples before it drew."""
+    return random.Random((seed << 112) | (epoch << 80) | (unit_seed << 48) | position)
+
+
 class Pretrain(IterableDataset):
     """Yields (experts, caption) or `Skipped` for unusable samples."""
 
@@ -139,9 +147,7 @@ class Pretrain(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for unit in self.units(worker, num_workers):
-            unit_seed = zlib.crc32(f"{unit.path}:{unit.start}".encode())
-            rng = random.Random((self.seed << 80) | (self.epoch << 48) | unit_seed)
-            yield from self._iter_unit(unit, rng)
+            yield from self._iter_unit(unit)
 
     def _sample(self, unit: Unit, rel: str, image_bytes: bytes | None, caption: str | None, rng: random.Random):
         """One (experts, caption), or Skipped naming what was unusable."""
@@ -158,31 +164,40 @@ class Pretrain(IterableDataset):
             logger.debug("skipping %s/%s: %s", unit.source, rel, e)
             return Skipped(f"{unit.source}/{rel}: {type(e).__name__}: {e}")
 
-    def _iter_unit(self, unit: Unit, rng: random.Random):
+    def _iter_unit(self, unit: Unit):
+        """The unit's items: the order of a list chunk or folder is shuffled by a
+        unit RNG; each sample's augmentation gets its own RNG from its position."""
+        unit_seed = zlib.crc32(f"{unit.path}:{unit.start}".encode())
+        order_rng = random.Random((self.seed << 80) | (self.epoch << 48) | unit_seed)
+
+        def rng(position: int) -> random.Random:
+            return stream_rng(self.seed, self.epoch, unit_seed, position)
+
         if unit.kind == "list":
             entries = self.lists[unit.source]
             order = list(range(unit.start, unit.stop))
-            rng.shuffle(order)
-            for i in order:
+            order_rng.shuffle(order)
+            for position, i in enumerate(order):
                 image = entries[i]["image"]
                 rel = _vg_name(image) if unit.source == "vg" else image
-                yield self._sample(unit, rel, None, entries[i]["caption"], rng)
+                yield self._sample(unit, rel, None, entries[i]["caption"], rng(position))
         elif unit.kind == "folder":
             folder = Path(unit.path)
             names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            rng.shuffle(names)
-            for name in names:
-                yield self._sample(unit, f"{folder.name}/{name}", None, None, rng)
+            order_rng.shuffle(names)
+            for position, name in enumerate(names):
+                yield self._sample(unit, f"{folder.name}/{name}", None, None, rng(position))
         else:
             shard = Path(unit.path).stem
             try:
-                for key, files in iter_tar(unit.path):
+                for position, (key, files) in enumerate(iter_tar(unit.path)):
                     image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
                     rel = f"{shard}/{os.path.basename(key)}.{image_ext or 'jpg'}"
                     if image_ext is None or "txt" not in files:
                         yield Skipped(f"{unit.path}: sample {key} lacks an image or a .txt caption")
                         continue
-                    yield self._sample(unit, rel, files[image_ext], files["txt"].decode("utf-8", "replace"), rng)
+                    caption = files["txt"].decode("utf-8", "replace")
+                    yield self._sample(unit, rel, files[image_ext], caption, rng(position))
             except (tarfile.TarError, OSError, EOFError) as e:
                 logger.warning("%s: shard unreadable from here on (%s)", unit.path, e)
                 yield Skipped(f"{unit.path}: {type(e).__name__}: {e}")
