@@ -41,15 +41,19 @@ class ShardSampler(Sampler[int]):
     With `equal` every rank gets the same count (a few samples wait for the
     next epoch's permutation), which keeps data-parallel ranks in step; with
     `pad` every rank gets the same count by repeating the first samples (for
-    evaluation in lockstep, e.g. sharded models; results are de-duplicated)."""
+    evaluation in lockstep, e.g. sharded models; results are de-duplicated).
+    `start` (see set_epoch) leaves out the first indices of the order: a resume."""
 
     def __init__(self, n: int, rank: int, world_size: int, shuffle: bool, seed: int, equal: bool, pad: bool = False):
         self.n, self.rank, self.world_size = n, rank, world_size
         self.shuffle, self.seed, self.equal, self.pad = shuffle, seed, equal, pad
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, 0
+        if not 0 <= start <= len(self):
+            raise ValueError(f"cannot start at sample {start} of rank {self.rank}'s {len(self)}")
+        self.start = start
 
     def _stop(self) -> int:
         return self.n // self.world_size * self.world_size if self.equal else self.n
@@ -62,13 +66,13 @@ class ShardSampler(Sampler[int]):
             order = list(range(self.n))
         if self.pad and not self.equal:
             order += order[: -self.n % self.world_size]
-            return iter(order[self.rank :: self.world_size])
-        return iter(order[self.rank : self._stop() : self.world_size])
+            return iter(order[self.rank :: self.world_size][self.start :])
+        return iter(order[self.rank : self._stop() : self.world_size][self.start :])
 
     def __len__(self) -> int:
         if self.pad and not self.equal:
-            return -(-self.n // self.world_size)
-        return len(range(self.rank, self._stop(), self.world_size))
+            return -(-self.n // self.world_size) - self.start
+        return len(range(self.rank, self._stop(), self.world_size)) - self.start
 
 
 class _Collate:
@@ -100,7 +104,10 @@ class Loader:
     """Iterates batches whose first element is the experts dict, painted.
     Batches can be smaller than `batch_size` when samples were skipped.
     `images_per_s` is the rate this epoch so far; `skipped`/`seen` count the
-    epoch's unusable and total samples of this rank."""
+    epoch's unusable and total samples of this rank (read in this run).
+    `position` counts the DataLoader batches of the epoch consumed so far,
+    those before a resume's start included: where a resume must start. A batch
+    whose samples were all unusable counts, though nothing is yielded for it."""
 
     def __init__(
         self,
@@ -120,7 +127,7 @@ class Loader:
         self.rank, self.world_size = dist_info(rank, world_size)
         self.device = torch.device(device) if device is not None else None
         self.max_bad_fraction = max_bad_fraction
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self.sampler = None
         if isinstance(dataset, IterableDataset):
             dataset.shard(self.rank, self.world_size)
@@ -143,16 +150,26 @@ class Loader:
 
     def _reset(self):
         self.seen, self.skipped, self.images, self.reasons = 0, 0, 0, []
+        self.position = self.start_batch
         self._start = time.perf_counter()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterating then yields the epoch's batches from DataLoader batch
+        `start_batch` on, exactly as the whole epoch would (a resume): the
+        batches before are skipped where samples are chosen (the sampler's
+        order, the stream's units), so none of their files is read."""
+        self.epoch, self.start_batch = epoch, start_batch
         self.dataset.set_epoch(epoch)
+        batch_size = self.loader.batch_size
+        if self.sampler is not None:
+            # Every batch before the last is full, so the start is exact.
+            self.sampler.set_epoch(epoch, start_batch * batch_size)
+        else:
+            self.dataset.set_start(start_batch, batch_size, self.loader.num_workers, self.loader.drop_last)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """The whole epoch's batches, those before the start included."""
+        return self.start_batch + len(self.loader)
 
     @property
     def images_per_s(self) -> float:
@@ -176,6 +193,7 @@ class Loader:
     def __iter__(self):
         self._reset()
         for batch, n, reasons in self.loader:
+            self.position += 1
             self.seen += n
             self.skipped += len(reasons)
             self.reasons += reasons[: max(0, 20 - len(self.reasons))]

@@ -4,7 +4,6 @@ train_vqa.py: config, data, model, optimisation, checkpoints, evaluation."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -271,25 +270,27 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
     metrics: dict = {}
     nan_run, trained, skipped = 0, 0, 0
     for epoch in range(progress["epoch"], cfg.max_epoch):
-        loader.set_epoch(epoch)
         start = progress["batch"] if epoch == progress["epoch"] else 0
+        loader.set_epoch(epoch, start)  # the batches before `start` are skipped unread
         model.train()
         bar = tqdm(
-            itertools.islice(loader, start, None),
+            loader,
             total=steps_per_epoch,
             initial=start,
             desc=f"epoch {epoch}",
             disable=not accelerator.is_main_process,
         )
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
-        for batch_idx, batch in enumerate(bar, start=start):
+        for batch in bar:
             lr = lr_at(cfg, epoch, progress["step"], total_steps)
             loss = train_step(session, batch, lr)
-            progress.update(batch=batch_idx + 1, step=progress["step"] + 1)
+            progress.update(batch=loader.position, step=progress["step"] + 1)
             if loss is None:
                 nan_run, skipped = nan_run + 1, skipped + 1
                 progress["skipped_nan"] += 1
-                log.warning("non-finite loss at epoch %d batch %d: step skipped on every rank", epoch, batch_idx)
+                log.warning(
+                    "non-finite loss at epoch %d batch %d: step skipped on every rank", epoch, loader.position - 1
+                )
                 if nan_run >= cfg.max_nan_steps:
                     raise TrainingStopped(
                         f"{nan_run} non-finite losses in a row; the last checkpoint in {session.ckpt_dir} is intact"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,49 @@ def coco_world(root: Path, n: int = 4, experts=ALL_EXPERTS) -> dict:
         "prefix": "A picture of",
         "datasets": ["vqav2", "vg"],
     }
+
+
+def jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    square_image().save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def img2dataset_folders(root: Path, name: str, sizes: list[int], labels: Path | None = None) -> None:
+    """img2dataset folder output: <name>/00000/000000001.jpg + .txt (+ .json), shard s holding sizes[s] samples."""
+    for s, size in enumerate(sizes):
+        folder = root / name / f"{s:05d}"
+        folder.mkdir(parents=True)
+        for i in range(size):
+            key = f"{s:05d}{i:04d}"
+            (folder / f"{key}.jpg").write_bytes(jpeg_bytes())
+            (folder / f"{key}.txt").write_text(f"{name} caption {key}.\nsecond line ignored")
+            (folder / f"{key}.json").write_text(json.dumps({"key": key}))
+            if labels is not None:
+                write_labels(labels, name, f"{s:05d}/{key}.jpg", ["depth"])
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """A webdataset tar: members `<key>.<ext>`, in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def img2dataset_tars(root: Path, name: str, sizes: list[int], labels: Path | None = None, stats: bool = False) -> None:
+    """img2dataset webdataset output: <name>/00000.tar holding 000000001.jpg/.txt/.json, shard s holding sizes[s]
+    samples; with `stats` also the `00000_stats.json` img2dataset writes beside each shard."""
+    (root / name).mkdir(parents=True)
+    for s, size in enumerate(sizes):
+        keys = [f"{s:05d}{i:04d}" for i in range(size)]
+        samples = {k: {"jpg": jpeg_bytes(), "txt": f"{name} caption {k}".encode(), "json": b"{}"} for k in keys}
+        write_tar(root / name / f"{s:05d}.tar", samples)
+        if stats:
+            counts = {"count": size + 1, "successes": size, "failed_to_download": 1, "failed_to_resize": 0}
+            (root / name / f"{s:05d}_stats.json").write_text(json.dumps(counts))
+        if labels is not None:
+            for k in keys:
+                write_labels(labels, name, f"{s:05d}/{k}.jpg", ["depth"])

@@ -1,44 +1,7 @@
-import io
-import json
-import tarfile
-
 import pytest
 
 from dataset import ConfigError, create_dataset, create_loader
-from tests.dataset_builders import label_space_path, square_image, write_labels
-
-
-def _jpeg() -> bytes:
-    buf = io.BytesIO()
-    square_image().save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _img2dataset_folders(root, name, shards, per_shard, labels=None):
-    """img2dataset folder output: <name>/00000/000000001.jpg + .txt (+ .json)."""
-    for s in range(shards):
-        folder = root / name / f"{s:05d}"
-        folder.mkdir(parents=True)
-        for i in range(per_shard):
-            key = f"{s:05d}{i:04d}"
-            (folder / f"{key}.jpg").write_bytes(_jpeg())
-            (folder / f"{key}.txt").write_text(f"{name} caption {key}.\nsecond line ignored")
-            (folder / f"{key}.json").write_text(json.dumps({"key": key}))
-            if labels is not None:
-                write_labels(labels, name, f"{s:05d}/{key}.jpg", ["depth"])
-
-
-def _img2dataset_tars(root, name, shards, per_shard):
-    """img2dataset webdataset output: <name>/00000.tar holding 000000001.jpg/.txt/.json."""
-    (root / name).mkdir(parents=True)
-    for s in range(shards):
-        with tarfile.open(root / name / f"{s:05d}.tar", "w") as tar:
-            for i in range(per_shard):
-                key = f"{s:05d}{i:04d}"
-                for ext, data in (("jpg", _jpeg()), ("txt", f"{name} caption {key}".encode()), ("json", b"{}")):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+from tests.dataset_builders import img2dataset_folders, img2dataset_tars, label_space_path
 
 
 def _config(root, datasets, experts=("none",)):
@@ -61,7 +24,7 @@ def _captions(dataset, rank, world_size, num_workers=0, epoch=0, batch_size=4):
 
 
 def test_img2dataset_folders_stream_with_labels(tmp_path):
-    _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=4, labels=tmp_path / "labels")
+    img2dataset_folders(tmp_path, "cc3m_sgu", [4, 4], labels=tmp_path / "labels")
     dataset = create_dataset("pretrain", _config(tmp_path, ["cc3m_sgu"], ["depth"]))
     loader = create_loader(dataset, 4, 0, train=True)
     batches = list(loader)
@@ -74,7 +37,7 @@ def test_img2dataset_folders_stream_with_labels(tmp_path):
 
 
 def test_webdataset_tars_shard_disjointly_over_two_ranks(tmp_path):
-    _img2dataset_tars(tmp_path, "cc12m", shards=4, per_shard=4)
+    img2dataset_tars(tmp_path, "cc12m", [4, 4, 4, 4])
     dataset = create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
     rank0, rank1 = _captions(dataset, 0, 2), _captions(dataset, 1, 2)
     assert len(rank0) == len(rank1) == 8
@@ -85,7 +48,7 @@ def test_webdataset_tars_shard_disjointly_over_two_ranks(tmp_path):
 
 
 def test_two_workers_read_disjoint_units(tmp_path):
-    _img2dataset_tars(tmp_path, "cc12m", shards=4, per_shard=3)
+    img2dataset_tars(tmp_path, "cc12m", [3, 3, 3, 3])
     dataset = create_dataset("pretrain", _config(tmp_path, ["cc12m"]))
     captions = _captions(dataset, 0, 1, num_workers=2, batch_size=3)  # each worker batches its own samples
     assert len(captions) == len(set(captions)) == 12
@@ -112,7 +75,7 @@ def test_caption_lists_and_web_folders_mix(tmp_path):
     from tests.dataset_builders import coco_world
 
     config = coco_world(tmp_path / "coco", n=4, experts=["depth"])
-    _img2dataset_folders(tmp_path, "cc3m_sgu", shards=2, per_shard=2)
+    img2dataset_folders(tmp_path, "cc3m_sgu", [2, 2])
     pretrain = create_dataset(
         "pretrain",
         {
@@ -128,7 +91,7 @@ def test_caption_lists_and_web_folders_mix(tmp_path):
 
 
 def test_truncated_tar_shard_yields_what_it_holds_then_counts_a_skip(tmp_path):
-    _img2dataset_tars(tmp_path, "cc12m", shards=1, per_shard=4)
+    img2dataset_tars(tmp_path, "cc12m", [4])
     shard = tmp_path / "cc12m" / "00000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) * 6 // 10])
