@@ -23,8 +23,9 @@ SPACES = ("coco", "ade", "detection")
 FEATURE_DIM = 64
 NONE_ID = 255
 SAFETENSORS_NAME = "label_features.safetensors"
-# Where the download command puts the official feature files.
-DEFAULT_PATH = Path(__file__).resolve().parent
+# The official label spaces, shipped with the package (converted from the official
+# repo's dataset/*_features.pt) so a config without `label_space_path` paints real CLIP features.
+DEFAULT_PATH = Path(__file__).resolve().parent / "label_spaces"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _load_official(folder: Path) -> LabelSpaces:
 def load_label_spaces(path: str | Path | None = None) -> LabelSpaces:
     """Read the label-space features from `path`: a `.safetensors` file, or a
     folder holding `label_features.safetensors` or the official `*_features.pt`
-    files. Default: the `dataset/` folder, where the download command puts them."""
+    files. Default: the copy shipped in `dataset/label_spaces/`."""
     path = Path(path) if path is not None else DEFAULT_PATH
     if path.is_file():
         return _load_safetensors(path)
