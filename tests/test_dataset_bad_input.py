@@ -114,7 +114,7 @@ def test_absent_label_means_the_expert_found_nothing(world, how):
     experts, _ = next(iter(loader))
     assert loader.skipped == 0
     assert (experts["depth"] == -1).all()  # zeros, rescaled per image like the official code
-    background = load_label_spaces(world["label_space_path"]).background.view(1, 64, 1, 1)
+    background = load_label_spaces().background.view(1, 64, 1, 1)
     for name in ("seg_coco", "ocr_detection"):
         torch.testing.assert_close(experts[name], background.expand_as(experts[name]))
     assert (experts["obj_detection"]["instance"] == 255).all()

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 
 from dataset import ConfigError, create_dataset, create_loader
-from tests.dataset_builders import label_space_path, square_image, write_labels
+from tests.dataset_builders import square_image, write_labels
 
 
 def _jpeg() -> bytes:
@@ -46,7 +46,6 @@ def _config(root, datasets, experts=("none",)):
         "cc3m_data_path": str(root),
         "cc12m_data_path": str(root),
         "label_path": str(root / "labels"),
-        "label_space_path": str(label_space_path()),
         "experts": list(experts),
         "image_resolution": 32,
         "datasets": datasets,
