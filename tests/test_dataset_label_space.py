@@ -105,8 +105,9 @@ def test_official_ocr_record_loads_but_code_in_it_does_not(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({1: Evil()}, f, protocol=2)
-    with pytest.raises(SampleError, match="refused"):
+    with pytest.raises(SampleError, match="not an official OCR word record") as err:
         read_ocr_record(tmp_path / "evil.png")  # a skipped sample, not a crashed worker
+    assert "weights_only" not in str(err.value)
 
 
 def test_palette_id_map_keeps_raw_ids(tmp_path):
