@@ -56,8 +56,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict", "module"):  # training-state wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]!r} is not a tensor, expected a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -155,7 +158,7 @@ def official_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
 
 
 def load_official(model: nn.Module, source: str | os.PathLike) -> None:
-    path = resolve_checkpoint(source)
+    path = weights_file(resolve_checkpoint(source))
     state = read_state_dict(path)
     check_experts(state, model.config.experts, str(path))
     load_checked(model, official_to_model(state, model), str(path))

@@ -99,7 +99,7 @@ class Prismer(nn.Module):
         """A released model by name, its config derived from the name; `path`
         points at a local copy of its pytorch_model.bin (else the hub)."""
         cfg = convert.official_config(name) | overrides
-        source = convert.resolve_checkpoint(path or name)
+        source = convert.weights_file(convert.resolve_checkpoint(path or name))
         state = convert.read_state_dict(source)
         if convert.POS_KEY not in state:
             raise CheckpointError(f"{source}: has no {convert.POS_KEY}, expected a Prismer checkpoint")
@@ -107,8 +107,8 @@ class Prismer(nn.Module):
             grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
             cfg["image_resolution"] = grid * ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
         model = cls(cfg, tokenizer=tokenizer)
-        convert.check_experts(state, model.config.experts, name)
-        convert.load_checked(model, convert.official_to_model(state, model), name)
+        convert.check_experts(state, model.config.experts, f"{name} ({source})")
+        convert.load_checked(model, convert.official_to_model(state, model), f"{name} ({source})")
         return model
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:

@@ -103,6 +103,10 @@ def test_official_checkpoint_of_something_else(tmp_path):
     with pytest.raises(CheckpointError, match="holds a list, expected a state dict of tensors") as err:
         convert.read_state_dict(path)
     check_message(err, path)
+    torch.save({"w": torch.ones(2), "step": [1, 2]}, path)
+    with pytest.raises(CheckpointError, match="'step' is not a tensor, expected a state dict of tensors") as err:
+        convert.read_state_dict(path)
+    check_message(err, path)
     torch.save({"some.weight": torch.ones(2)}, path)
     with pytest.raises(CheckpointError, match="expected a Prismer checkpoint") as err:
         PrismerCaption.from_official("caption_prismerz_base", path=path)
