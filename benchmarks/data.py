@@ -45,8 +45,6 @@ from dataset import create_dataset, paint  # noqa: E402
 from dataset.files import write_ocr_record  # noqa: E402
 from experts.registry import PRISMER_EXPERTS  # noqa: E402
 
-LABEL_SPACES = Path(__file__).resolve().parent.parent.parent / "shared" / "label_spaces"
-
 
 def build(root: Path, n: int) -> dict:
     """n images of 640x480 with smooth content plus noise (JPEG ~ photo size),
@@ -88,7 +86,6 @@ def build(root: Path, n: int) -> dict:
         "dataset": "coco",
         "data_path": str(root / "data"),
         "label_path": str(root / "labels"),
-        "label_space_path": str(LABEL_SPACES),
         "image_resolution": 480,
     }
 

@@ -60,8 +60,13 @@ def make_reader(config: dict, train: bool, scale=(0.5, 1.0)) -> ExpertReader:
         if key not in config:
             raise ConfigError(f"config lacks {key!r}")
     experts = parse_experts(config.get("experts"))
-    if experts and "label_path" not in config:
-        raise ConfigError(f"config lacks 'label_path' (experts {experts} need labels)")
+    # `label_path: null` means no labels on disk: fine for rgb alone (PrismerZ).
+    if experts and config.get("label_path") is None:
+        state = "null" if "label_path" in config else "absent"
+        raise ConfigError(
+            f"config's 'label_path' is {state} (no labels on disk) but experts {experts} need labels: "
+            "set label_path to their label tree, or experts to ['none']"
+        )
     painted = any(EXPERTS[e].painted for e in experts)
     spaces = load_label_spaces(config.get("label_space_path")) if painted else None
     transform = Transform(

@@ -13,16 +13,15 @@ import io
 import json
 import math
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from helpers.files import atomic_write
+from helpers.files import CheckpointError, atomic_write, load_safetensors, load_torch
 
 # A truncated file must fail, not decode to grey; the sample is then skipped.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -145,19 +144,19 @@ def read_ocr_record(stem: Path) -> dict[int, dict] | None:
             break
     else:
         return None
-    if suffix == ".pt":
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise SampleError(f"{path}: refused or unreadable as a weights-only torch file ({e})") from e
-    elif suffix == ".json":
-        raw = read_json(path)
-    else:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:  # texts live in the header metadata
-            texts = json.loads((f.metadata() or {}).get("texts", "[]"))
-        rows = zip(tensors["ids"], tensors["features"], texts)
-        raw = {int(i): {"features": feat, "text": text} for i, feat, text in rows}
+    try:
+        if suffix == ".pt":
+            raw = load_torch(path, "an official OCR word record (weights-only: tensors, numbers, strings)")
+        elif suffix == ".json":
+            raw = read_json(path)
+        else:
+            tensors = load_safetensors(path)
+            with safe_open(str(path), "pt") as f:  # texts live in the header metadata
+                texts = json.loads((f.metadata() or {}).get("texts", "[]"))
+            rows = zip(tensors["ids"], tensors["features"], texts)
+            raw = {int(i): {"features": feat, "text": text} for i, feat, text in rows}
+    except CheckpointError as e:
+        raise SampleError(str(e)) from e
     if not isinstance(raw, dict):
         raise SampleError(f"{path}: OCR record is {type(raw).__name__}, expected a dict of word id -> record")
     out = {}

@@ -7,7 +7,8 @@ Two on-disk forms are read:
 - one `label_features.safetensors` holding `<space>.features` and `background.features`.
 
 Each space becomes a (classes + 1, 64) table whose last row is the background
-feature, used for label value 255 ("no class").
+feature, used for label value 255 ("no class"). A file that is not what it
+should be raises CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from helpers.files import CheckpointError, load_safetensors, load_torch
 
 SPACES = ("coco", "ade", "detection")
 FEATURE_DIM = 64
 NONE_ID = 255
 SAFETENSORS_NAME = "label_features.safetensors"
-# Where the download command puts the official feature files.
-DEFAULT_PATH = Path(__file__).resolve().parent
+# The official label spaces, shipped with the package (converted from the official
+# repo's dataset/*_features.pt) so a config without `label_space_path` paints real CLIP features.
+DEFAULT_PATH = Path(__file__).resolve().parent / "label_spaces"
 
 
 @dataclass(frozen=True)
@@ -46,42 +49,55 @@ class LabelSpaces:
         return table[rows]
 
 
-def _check(name: str, x: torch.Tensor, source: Path) -> torch.Tensor:
-    if x.ndim != 2 or x.shape[1] != FEATURE_DIM:
-        raise ValueError(f"{source}: {name} features have shape {tuple(x.shape)}, expected (classes, {FEATURE_DIM})")
+OFFICIAL = "an official label-space file of tensors"
+
+
+def _describe(x) -> str:
+    return f"of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def _check(name: str, x, source: Path) -> torch.Tensor:
+    if not (isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == FEATURE_DIM):
+        raise CheckpointError(f"{source}: {name} features are {_describe(x)}, expected (classes, {FEATURE_DIM})")
     return x.float()
 
 
-def _tables(features: dict[str, torch.Tensor], background: torch.Tensor, source: Path) -> LabelSpaces:
-    background = background.float().reshape(-1)
-    if background.shape != (FEATURE_DIM,):
-        raise ValueError(f"{source}: background feature has shape {tuple(background.shape)}, expected ({FEATURE_DIM},)")
-    tables = {s: torch.cat([_check(s, features[s], source), background[None]]) for s in SPACES}
+def _background(x, source: Path) -> torch.Tensor:
+    if not (isinstance(x, torch.Tensor) and x.numel() == FEATURE_DIM):
+        raise CheckpointError(f"{source}: background feature is {_describe(x)}, expected ({FEATURE_DIM},)")
+    return x.float().reshape(-1)
+
+
+def _tables(features: dict[str, torch.Tensor], background: torch.Tensor) -> LabelSpaces:
+    tables = {s: torch.cat([features[s], background[None]]) for s in SPACES}
     return LabelSpaces(tables=tables, background=background)
 
 
 def _load_safetensors(path: Path) -> LabelSpaces:
-    data = load_file(str(path))
+    data = load_safetensors(path)
     missing = [f"{s}.features" for s in (*SPACES, "background") if f"{s}.features" not in data]
     if missing:
-        raise ValueError(f"{path} lacks {missing}")
-    return _tables({s: data[f"{s}.features"] for s in SPACES}, data["background.features"], path)
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}, expected label-space features")
+    features = {s: _check(s, data[f"{s}.features"], path) for s in SPACES}
+    return _tables(features, _background(data["background.features"], path))
 
 
 def _load_official(folder: Path) -> LabelSpaces:
+    """`{space}_features.pt`: a dict with `features` (or a bare tensor); `background_features.pt`: a tensor."""
     features = {}
     for space in SPACES:
-        obj = torch.load(folder / f"{space}_features.pt", map_location="cpu", weights_only=True)
-        features[space] = obj["features"] if isinstance(obj, dict) else obj
-    background = torch.load(folder / "background_features.pt", map_location="cpu", weights_only=True)
-    return _tables(features, background, folder)
+        path = folder / f"{space}_features.pt"
+        obj = load_torch(path, OFFICIAL)
+        features[space] = _check(space, obj.get("features") if isinstance(obj, dict) else obj, path)
+    path = folder / "background_features.pt"
+    return _tables(features, _background(load_torch(path, OFFICIAL), path))
 
 
 @functools.lru_cache(maxsize=4)
 def load_label_spaces(path: str | Path | None = None) -> LabelSpaces:
     """Read the label-space features from `path`: a `.safetensors` file, or a
     folder holding `label_features.safetensors` or the official `*_features.pt`
-    files. Default: the `dataset/` folder, where the download command puts them."""
+    files. Default: the copy shipped in `dataset/label_spaces/`."""
     path = Path(path) if path is not None else DEFAULT_PATH
     if path.is_file():
         return _load_safetensors(path)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model.convert import load_checked, read_state_dict
+
 RESOLUTION = 480  # the official generation resizes every image to 480 x 480
 MEAN_RGB = (0.485, 0.456, 0.406)  # subtracted with std 1, before the x255 and the BGR flip
 
@@ -155,7 +157,7 @@ class DexiNed(nn.Module):
 def load(path: str | Path) -> DexiNed:
     """The official `10_model.pth` (read with weights_only), in eval mode."""
     model = DexiNed()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    load_checked(model, read_state_dict(path), str(path))
     return model.eval()
 
 

@@ -3,7 +3,8 @@
 Each checkpoint is a folder `step_XXXXXXXX` written as `.step_XXXXXXXX.tmp`
 and renamed once complete (a rename is atomic), holding accelerate's state
 (model, optimizer, RNG states) and `progress.json` (epoch, step, metric).
-A folder without progress.json, or a leftover .tmp, is never loaded.
+A folder without progress.json, or a leftover .tmp, is never loaded; a file
+in it that cannot be read raises CheckpointError naming that file.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from helpers import distributed
+from helpers.files import CheckpointError, load_json, load_safetensors, load_torch, reason
 
 PROGRESS = "progress.json"
+# Where a resumed run starts; the engine reads these from progress.json.
+POSITION = ("epoch", "batch", "step")
 # Sharded (FSDP2) runs keep model and optimizer here, gathered in full, so a
 # checkpoint loads whatever the number of processes.
 SHARDED_MODEL, SHARDED_OPTIM = "model_full.safetensors", "optimizer_full.pt"
@@ -72,15 +76,43 @@ def resolve(spec: str, folder: Path) -> Path | None:
 
 
 def load(accelerator: Accelerator, path: Path, model=None, optimizer=None) -> dict:
-    accelerator.load_state(str(path))
+    progress = _read_progress(path / PROGRESS)  # first: it is small, the rest may be gigabytes
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:
+        raise CheckpointError(_unreadable(path) or f"{path}: training state does not fit this run ({reason(e)})") from e
     if model is not None:
         if not (path / SHARDED_MODEL).exists():
             raise FileNotFoundError(f"{path} was not written by a sharded run; resume it without sharding flags")
         main = accelerator.is_main_process
-        distributed.load_full_state_dict(model, load_file(path / SHARDED_MODEL) if main else {})
-        optim = torch.load(path / SHARDED_OPTIM, weights_only=True) if main else {}
+        distributed.load_full_state_dict(model, load_safetensors(path / SHARDED_MODEL) if main else {})
+        optim = load_torch(path / SHARDED_OPTIM, "a weights-only optimizer state") if main else {}
         distributed.load_full_optimizer_state(model, optimizer, optim)
-    return json.loads((path / PROGRESS).read_text())
+    return progress
+
+
+def _read_progress(path: Path) -> dict:
+    what = f"training progress with {', '.join(POSITION)}"
+    progress = load_json(path, what)
+    bad = [k for k in POSITION if not isinstance(progress.get(k), int)]
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)} missing or not integers, expected {what}")
+    return progress
+
+
+def _unreadable(folder: Path) -> str | None:
+    """After accelerate failed to load `folder`: the first of its files that does
+    not read as what it should be, and why (accelerate's errors name no file).
+    Random states are not checked: accelerate ignores them when they do not load."""
+    for file in sorted(folder.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_safetensors(file)
+            elif file.suffix in (".bin", ".pt"):
+                load_torch(file)
+        except (CheckpointError, OSError) as e:
+            return str(e)
+    return None
 
 
 def save_model(accelerator: Accelerator, model, folder: Path) -> None:

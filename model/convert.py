@@ -16,11 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from experts.registry import EXPERTS
-from helpers.files import atomic_write
+from helpers.files import CheckpointError, atomic_write, load_safetensors, load_torch, reason
 from helpers.hub import hub_file, hub_first_file
 from model.layers import resize_pos_embed
 
@@ -35,8 +34,8 @@ WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]
 # ---------------------------------------------------------------- reading
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, never unpickling arbitrary objects."""
+def weights_file(path: str | os.PathLike) -> Path:
+    """`path`, or the weights file in the folder `path` (so that errors name the file)."""
     path = Path(path)
     if path.is_dir():
         found = [path / f for f in WEIGHT_FILES if (path / f).exists()]
@@ -45,17 +44,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (or folder), never unpickling arbitrary objects."""
+    path = weights_file(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a weights-only torch checkpoint: {e}") from e
+        return load_safetensors(path)
+    obj = load_torch(path, "a weights-only torch checkpoint")
     for key in ("model", "state_dict", "module"):  # training-state wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]!r} is not a tensor, expected a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -75,10 +80,10 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     problems = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if items:
-            shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
-            problems.append(f"  {len(items)} {title}:\n    {shown}")
+            shown = ", ".join(items[:12]) + (f", ... and {len(items) - 12} more" if len(items) > 12 else "")
+            problems.append(f"{len(items)} {title}: {shown}")
     if problems:
-        raise ValueError(f"checkpoint {source} does not fit the model:\n" + "\n".join(problems))
+        raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
     module.load_state_dict(state, strict=False)
 
 
@@ -153,7 +158,7 @@ def official_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
 
 
 def load_official(model: nn.Module, source: str | os.PathLike) -> None:
-    path = resolve_checkpoint(source)
+    path = weights_file(resolve_checkpoint(source))
     state = read_state_dict(path)
     check_experts(state, model.config.experts, str(path))
     load_checked(model, official_to_model(state, model), str(path))
@@ -244,7 +249,8 @@ def clip_to_encoder(state: dict[str, torch.Tensor], num_positions: int) -> dict[
     return out
 
 
-def clip_source(name_or_path: str) -> dict[str, torch.Tensor]:
+def clip_source(name_or_path: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The CLIP weights file (local, or fetched from the hub) and its tensors."""
     path = Path(name_or_path)
     if not path.exists():
         path = hub_first_file(
@@ -252,10 +258,14 @@ def clip_source(name_or_path: str) -> dict[str, torch.Tensor]:
             ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"],
             f"CLIP weights {name_or_path}",
         )
-    if path.is_file() and path.suffix == ".pt" and _is_torchscript(path):
+    path = weights_file(path)
+    if path.suffix == ".pt" and _is_torchscript(path):
         # OpenAI's own release is a TorchScript archive: code, not a pickle to trust.
-        return torch.jit.load(path, map_location="cpu").state_dict()
-    return read_state_dict(path)
+        try:
+            return path, torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: not a loadable TorchScript CLIP archive ({reason(e)})") from e
+    return path, read_state_dict(path)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -268,8 +278,12 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load_clip(encoder: nn.Module, name_or_path: str) -> None:
-    state = clip_to_encoder(clip_source(name_or_path), encoder.positional_embedding.shape[0])
-    load_checked(encoder, state, f"CLIP {name_or_path}", allow_missing=lambda k: not _is_clip_key(k))
+    path, state = clip_source(name_or_path)
+    try:
+        state = clip_to_encoder(state, encoder.positional_embedding.shape[0])
+    except ValueError as e:  # unknown or absent CLIP keys
+        raise CheckpointError(f"{path}: {e}") from e
+    load_checked(encoder, state, f"CLIP {path}", allow_missing=lambda k: not _is_clip_key(k))
 
 
 def _is_clip_key(key: str) -> bool:
@@ -314,10 +328,15 @@ def load_roberta(decoder: nn.Module, name_or_path: str) -> None:
     path = Path(name_or_path)
     if not path.exists():
         path = hub_first_file(name_or_path, WEIGHT_FILES, f"RoBERTa weights {name_or_path}")
-    state = roberta_to_decoder(read_state_dict(path))
+    path = weights_file(path)
+    state = read_state_dict(path)
+    try:
+        state = roberta_to_decoder(state)
+    except ValueError as e:  # an unknown RoBERTa key
+        raise CheckpointError(f"{path}: {e}") from e
     if "lm_head.dense.weight" not in state:
-        log.warning("%s has no LM head (a RobertaModel): the head starts from scratch", name_or_path)
-    load_checked(decoder, state, f"RoBERTa {name_or_path}", allow_missing=lambda k: not _is_roberta_key(k))
+        log.warning("%s has no LM head (a RobertaModel): the head starts from scratch", path)
+    load_checked(decoder, state, f"RoBERTa {path}", allow_missing=lambda k: not _is_roberta_key(k))
 
 
 def _is_roberta_key(key: str) -> bool:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import RobertaConfig
 
+from helpers.files import CheckpointError, load_json, load_safetensors, reason
 from model import convert, generation
 from model.config import ModelConfig
 from model.decoder import PrismerTextDecoder
@@ -25,6 +26,15 @@ from model.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model config a `save_pretrained` folder holds (its pretrained parts are never loaded)."""
+    cfg = load_json(path, "a model config (the config.json of save_pretrained)")
+    try:
+        return ModelConfig.from_dict(cfg | {"pretrained": False})
+    except (TypeError, ValueError) as e:  # a missing `prismer_model`, unknown keys or values
+        raise CheckpointError(f"{path}: not a valid model config ({reason(e)})") from e
 
 
 class Prismer(nn.Module):
@@ -89,13 +99,16 @@ class Prismer(nn.Module):
         """A released model by name, its config derived from the name; `path`
         points at a local copy of its pytorch_model.bin (else the hub)."""
         cfg = convert.official_config(name) | overrides
-        state = convert.read_state_dict(convert.resolve_checkpoint(path or name))
+        source = convert.weights_file(convert.resolve_checkpoint(path or name))
+        state = convert.read_state_dict(source)
+        if convert.POS_KEY not in state:
+            raise CheckpointError(f"{source}: has no {convert.POS_KEY}, expected a Prismer checkpoint")
         if "image_resolution" not in overrides:  # the checkpoint's own grid (480 px for fine-tuned base)
             grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
             cfg["image_resolution"] = grid * ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
         model = cls(cfg, tokenizer=tokenizer)
-        convert.check_experts(state, model.config.experts, name)
-        convert.load_checked(model, convert.official_to_model(state, model), name)
+        convert.check_experts(state, model.config.experts, f"{name} ({source})")
+        convert.load_checked(model, convert.official_to_model(state, model), f"{name} ({source})")
         return model
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
@@ -119,12 +132,15 @@ class Prismer(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, tokenizer=None, **overrides):
         """Load our own checkpoint folder; no YAML needed, the config is inside."""
         folder = Path(folder)
-        if not (folder / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a checkpoint saved by save_pretrained")
-        cfg = json.loads((folder / CONFIG_FILE).read_text()) | {"pretrained": False} | overrides
-        model = cls(ModelConfig.from_dict(cfg), tokenizer=tokenizer)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder} has no {name}: not a checkpoint saved by save_pretrained")
+        config = read_config(folder / CONFIG_FILE)
+        if overrides:
+            config = ModelConfig.from_dict(config.to_dict() | overrides)
+        model = cls(config, tokenizer=tokenizer)
         path = folder / WEIGHTS_FILE
-        convert.load_checked(model, convert.official_to_model(load_file(path), model), str(path))
+        convert.load_checked(model, convert.official_to_model(load_safetensors(path), model), str(path))
         return model
 
 

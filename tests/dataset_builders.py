@@ -12,17 +12,12 @@ import torch
 from PIL import Image
 
 from dataset import write_ocr_record
-from tests.conftest import shared_path
 
 ALL_EXPERTS = ["depth", "normal", "seg_coco", "seg_ade", "edge", "obj_detection", "ocr_detection"]
 SQUARE = (8, 12, 28, 32)  # left, top, right, bottom of the labelled square in a 48x40 image
 SEG_CLASS = 5
 DET_INSTANCE, DET_CLASS = 3, 17
 OCR_WORD = 2
-
-
-def label_space_path() -> Path:
-    return shared_path("label_spaces")
 
 
 def square_image(w: int = 48, h: int = 40) -> Image.Image:
@@ -123,7 +118,6 @@ def coco_world(root: Path, n: int = 4, experts=ALL_EXPERTS) -> dict:
         "dataset": "coco",
         "data_path": str(data),
         "label_path": str(labels),
-        "label_space_path": str(label_space_path()),
         "experts": list(experts),
         "image_resolution": 64,
         "prefix": "A picture of",

@@ -158,7 +158,7 @@ def test_clip_of_another_width_is_a_shape_error(roberta_dir, tokenizer, tmp_path
         hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=RES, patch_size=16
     )
     CLIPVisionModel(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"wrong shapes:\n.*conv1.rgb.weight"):
+    with pytest.raises(ValueError, match=r"wrong shapes: conv1.rgb.weight"):
         pretrained_model((tmp_path,), roberta_dir, tokenizer)
 
 

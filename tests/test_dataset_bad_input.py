@@ -114,7 +114,7 @@ def test_absent_label_means_the_expert_found_nothing(world, how):
     experts, _ = next(iter(loader))
     assert loader.skipped == 0
     assert (experts["depth"] == -1).all()  # zeros, rescaled per image like the official code
-    background = load_label_spaces(world["label_space_path"]).background.view(1, 64, 1, 1)
+    background = load_label_spaces().background.view(1, 64, 1, 1)
     for name in ("seg_coco", "ocr_detection"):
         torch.testing.assert_close(experts[name], background.expand_as(experts[name]))
     assert (experts["obj_detection"]["instance"] == 255).all()
@@ -155,3 +155,30 @@ def test_malformed_data_list_names_file_and_entry(world, tmp_path):
     open(path, "w").write('[{"image": "a.jpg", "caption": "x"},')
     with pytest.raises(ConfigError, match=r"coco_karpathy_train\.json: not valid JSON"):
         create_dataset("caption", world)
+
+
+def _recipe(world, tmp_path, experts) -> dict:
+    """A YAML recipe with `label_path: null`, read as a training run reads it."""
+    from helpers.config import load_config
+
+    path = tmp_path / "recipe.yaml"
+    lines = [f"data_path: {world['data_path']}", "label_path: null", f"experts: {json.dumps(experts)}"]
+    path.write_text("\n".join(lines + ["image_resolution: 64", "dataset: coco"]) + "\n")
+    return load_config(path).to_dict()
+
+
+def test_null_label_path_means_no_labels_which_rgb_alone_needs_not(world, tmp_path):
+    config = _recipe(world, tmp_path, ["none"])
+    assert config["label_path"] is None and config["experts"] == []
+    loader, captions, batches = _epoch(config)
+    assert loader.skipped == 0 and len(captions) == 4
+    assert set(batches[0][0]) == {"rgb"}
+
+
+def test_null_label_path_with_experts_is_refused_naming_key_and_experts(world, tmp_path):
+    config = _recipe(world, tmp_path, EXPERTS)
+    with pytest.raises(ConfigError, match=r"'label_path' is null .* experts \['depth', 'seg_coco'.* need labels"):
+        create_dataset("caption", config)
+    del config["label_path"]
+    with pytest.raises(ConfigError, match=r"'label_path' is absent .* need labels"):
+        create_dataset("caption", config)

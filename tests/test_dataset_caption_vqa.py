@@ -60,7 +60,7 @@ def test_labels_stay_under_the_same_pixels_after_augmentation(world):
     covers the RGB square (compared at 224 px) and painted maps carry the class feature."""
     config = {**world, "image_resolution": 96, "experts": ["depth", "seg_coco", "obj_detection"]}
     train, _ = create_dataset("caption", config)
-    spaces = load_label_spaces(world["label_space_path"])
+    spaces = load_label_spaces()
     checked = 0
     for epoch in range(12):
         train.set_epoch(epoch)

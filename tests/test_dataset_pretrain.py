@@ -1,7 +1,7 @@
 import pytest
 
 from dataset import ConfigError, create_dataset, create_loader
-from tests.dataset_builders import img2dataset_folders, img2dataset_tars, label_space_path
+from tests.dataset_builders import img2dataset_folders, img2dataset_tars
 
 
 def _config(root, datasets, experts=("none",)):
@@ -9,7 +9,6 @@ def _config(root, datasets, experts=("none",)):
         "cc3m_data_path": str(root),
         "cc12m_data_path": str(root),
         "label_path": str(root / "labels"),
-        "label_space_path": str(label_space_path()),
         "experts": list(experts),
         "image_resolution": 32,
         "datasets": datasets,
