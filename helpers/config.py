@@ -141,17 +141,13 @@ def adopt_checkpoint_model(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfi
     """Take the architecture of `init_checkpoint` (our folder's config.json, or
     an official name's) over the recipe's, except keys the user set explicitly.
     Returns the new config and what was taken."""
-    import json
-
+    from helpers.files import load_json
     from model.convert import OFFICIAL_NAME, official_config
     from model.prismer import CONFIG_FILE
 
     source = Path(cfg.init_checkpoint)
     if (source / CONFIG_FILE).is_file():
-        try:
-            model = json.loads((source / CONFIG_FILE).read_text())
-        except ValueError as e:
-            raise ValueError(f"{source / CONFIG_FILE} is not valid JSON ({e})") from None
+        model = load_json(source / CONFIG_FILE, "a model config")
     elif not source.exists() and OFFICIAL_NAME.match(cfg.init_checkpoint):
         model = official_config(cfg.init_checkpoint)
     else:  # an official-layout file: its architecture must match the recipe's
