@@ -1,7 +1,6 @@
-"""The edge expert (DexiNed) computes what the official network computes (../shared/experts)."""
+"""The edge expert (DexiNed) computes what the official network computes (tests/fixtures/experts)."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,33 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from experts import edge
-from tests.conftest import shared_path
-
-
-def synthetic_weights(layout: dict) -> dict:
-    """The weights the reference outputs were computed with (../shared/experts/NOTES.md):
-    one generator per key, seeded by its index among all keys in sorted order."""
-    out = {}
-    for i, key in enumerate(sorted(layout)):
-        shape = layout[key]
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-            continue
-        g = torch.Generator().manual_seed(1000 + i)
-        if key.endswith("running_var"):
-            out[key] = 1 + 0.5 * torch.rand(shape, generator=g)
-        elif key.endswith("running_mean"):
-            out[key] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 1:
-            out[key] = (1 if key.endswith("weight") else 0) + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    return out
+from tests.conftest import FIXTURES, synthetic_weights
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return json.loads(shared_path("experts", "layout_edge.json").read_text())
+    return json.loads((FIXTURES / "experts" / "layout_edge.json").read_text())
 
 
 def test_keys_and_shapes_are_the_official_files(layout):
@@ -45,10 +23,10 @@ def test_keys_and_shapes_are_the_official_files(layout):
 
 
 @torch.no_grad()
-def test_outputs_match_the_official_network(layout, tmp_path):
-    ref = load_file(shared_path("experts", "parity_edge.safetensors"))
+def test_outputs_match_the_official_network(tmp_path):
+    ref = load_file(FIXTURES / "experts" / "parity_edge.safetensors")
     path = tmp_path / "10_model.pth"
-    torch.save(synthetic_weights(layout), path)  # the official file format: a flat state_dict
+    torch.save(synthetic_weights(edge.DexiNed().state_dict()), path)  # the official file format: a flat state_dict
     outs = edge.load(path)(ref["input"])
     names = [f"out_{i}" for i in range(1, 7)] + ["fused"]
     for name, out in zip(names, outs):
