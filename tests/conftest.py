@@ -7,6 +7,26 @@ import torch
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped test fails the run, unless it is marked gpu: data or a tool gone
+    missing must not pass for green."""
+    return fail_if_skipped((yield), allowed=item.get_closest_marker("gpu") is not None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips itself (e.g. pytest.importorskip) fails the run too."""
+    return fail_if_skipped((yield), allowed=False)
+
+
+def fail_if_skipped(report, allowed: bool):
+    if report.skipped and not allowed and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"only tests marked gpu may skip ({report.longrepr[-1]})"
+    return report
+
+
 def synthetic_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights the reference outputs in fixtures/ were computed with, regenerated
     (not stored) by the rule in fixtures/README.md: one generator per key, seeded by
