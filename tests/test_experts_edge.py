@@ -1,6 +1,7 @@
 """The edge expert (DexiNed) computes what the official network computes (tests/fixtures/experts)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -43,11 +44,13 @@ def test_preprocessing_is_bgr_times_255_without_the_mean():
     assert torch.allclose(x.mean((1, 2)), torch.tensor(want_bgr), atol=1e-3)
 
 
-def test_label_is_the_official_formula():
-    logits = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
-    p = torch.sigmoid(logits[0]).numpy()  # float32, as the official pipeline
-    want = 255 - ((p - p.min()) * 255 / ((p.max() - p.min()) + 1e-12)).astype(np.uint8)  # truncated, inverted
-    assert np.array_equal(np.asarray(edge.to_label(logits, (16, 16))), want)
+def test_label_is_the_official_formula_worked_by_hand():
+    """NOTES.md: sigmoid, per-image min-max to 0..255, truncated to uint8, inverted."""
+    logits = torch.tensor([[[-20.0, -math.log(7)], [-math.log(3), 0.0]]])
+    # sigmoid: ~0, 1/8, 1/4, 1/2; (p - min) * 255 / (max - min): 0, 63.75, 127.5, 255;
+    # truncated: 0, 63, 127, 255 (rounded: 64, 128); inverted:
+    want = np.array([[255, 192], [128, 0]], np.uint8)
+    assert np.array_equal(np.asarray(edge.to_label(logits, (2, 2))), want)
 
 
 def test_label_has_dark_edges_on_white_at_the_original_size():
