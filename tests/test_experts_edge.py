@@ -1,4 +1,4 @@
-"""The edge expert (DexiNed) computes what the official network computes (../shared/experts)."""
+"""The edge expert (DexiNed) computes what the official network computes (tests/fixtures/experts)."""
 
 import json
 import math
@@ -10,33 +10,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from experts import edge
-from tests.conftest import shared_path
-
-
-def synthetic_weights(layout: dict) -> dict:
-    """The weights the reference outputs were computed with (../shared/experts/NOTES.md):
-    one generator per key, seeded by its index among all keys in sorted order."""
-    out = {}
-    for i, key in enumerate(sorted(layout)):
-        shape = layout[key]
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-            continue
-        g = torch.Generator().manual_seed(1000 + i)
-        if key.endswith("running_var"):
-            out[key] = 1 + 0.5 * torch.rand(shape, generator=g)
-        elif key.endswith("running_mean"):
-            out[key] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 1:
-            out[key] = (1 if key.endswith("weight") else 0) + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    return out
+from tests.conftest import FIXTURES, synthetic_weights
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return json.loads(shared_path("experts", "layout_edge.json").read_text())
+    return json.loads((FIXTURES / "experts" / "layout_edge.json").read_text())
 
 
 def test_keys_and_shapes_are_the_official_files(layout):
@@ -45,10 +24,10 @@ def test_keys_and_shapes_are_the_official_files(layout):
 
 
 @torch.no_grad()
-def test_outputs_match_the_official_network(layout, tmp_path):
-    ref = load_file(shared_path("experts", "parity_edge.safetensors"))
+def test_outputs_match_the_official_network(tmp_path):
+    ref = load_file(FIXTURES / "experts" / "parity_edge.safetensors")
     path = tmp_path / "10_model.pth"
-    torch.save(synthetic_weights(layout), path)  # the official file format: a flat state_dict
+    torch.save(synthetic_weights(edge.DexiNed().state_dict()), path)  # the official file format: a flat state_dict
     outs = edge.load(path)(ref["input"])
     names = [f"out_{i}" for i in range(1, 7)] + ["fused"]
     for name, out in zip(names, outs):
@@ -65,11 +44,13 @@ def test_preprocessing_is_bgr_times_255_without_the_mean():
     assert torch.allclose(x.mean((1, 2)), torch.tensor(want_bgr), atol=1e-3)
 
 
-def test_label_is_the_official_formula():
-    logits = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
-    p = torch.sigmoid(logits[0]).numpy()  # float32, as the official pipeline
-    want = 255 - ((p - p.min()) * 255 / ((p.max() - p.min()) + 1e-12)).astype(np.uint8)  # truncated, inverted
-    assert np.array_equal(np.asarray(edge.to_label(logits, (16, 16))), want)
+def test_label_is_the_official_formula_worked_by_hand():
+    """NOTES.md: sigmoid, per-image min-max to 0..255, truncated to uint8, inverted."""
+    logits = torch.tensor([[[-20.0, -math.log(7)], [-math.log(3), 0.0]]])
+    # sigmoid: ~0, 1/8, 1/4, 1/2; (p - min) * 255 / (max - min): 0, 63.75, 127.5, 255;
+    # truncated: 0, 63, 127, 255 (rounded: 64, 128); inverted:
+    want = np.array([[255, 192], [128, 0]], np.uint8)
+    assert np.array_equal(np.asarray(edge.to_label(logits, (2, 2))), want)
 
 
 def test_label_has_dark_edges_on_white_at_the_original_size():

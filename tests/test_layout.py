@@ -7,12 +7,12 @@ import torch
 
 from model import PrismerCaption
 from model.convert import official_config
-from tests.conftest import shared_path
+from tests.conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return json.loads(shared_path("parity", "official_layout.json").read_text())
+    return json.loads((FIXTURES / "parity" / "official_layout.json").read_text())
 
 
 def build_meta(name: str, freeze: str = "none"):
