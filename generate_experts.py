@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.files import atomic_write
+from common.hub import hub_file
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, label_file, read_image
 from experts.registry import EXPERTS, generator_network, label_networks
-from helpers.files import atomic_write
-from helpers.hub import hub_file
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")

@@ -45,10 +45,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from common.files import atomic_write
 from dataset.files import write_ocr_record
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
-from helpers.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ def adopt_checkpoint_model(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfi
     """Take the architecture of `init_checkpoint` (our folder's config.json, or
     an official name's) over the recipe's, except keys the user set explicitly.
     Returns the new config and what was taken."""
-    from helpers.files import load_json
+    from common.files import load_json
     from model.convert import OFFICIAL_NAME, official_config
     from model.prismer import CONFIG_FILE
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.files import CheckpointError, atomic_write, load_safetensors, load_torch, reason
+from common.hub import hub_file, hub_first_file
 from experts.registry import EXPERTS
-from helpers.files import CheckpointError, atomic_write, load_safetensors, load_torch, reason
-from helpers.hub import hub_file, hub_first_file
 from model.layers import resize_pos_embed
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import RobertaConfig
 
-from helpers.files import CheckpointError, load_json, load_safetensors, reason
+from common.files import CheckpointError, load_json, load_safetensors, reason
 from model import convert, generation
 from model.config import ModelConfig
 from model.decoder import PrismerTextDecoder

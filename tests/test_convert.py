@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaForMaskedLM
 
-from helpers.hub import DownloadError
+from common.hub import DownloadError
 from model import PrismerCaption
 from model.convert import read_state_dict
 from tests.conftest import random_experts, tiny_size

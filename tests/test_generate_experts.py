@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import generate_experts
+from common.hub import DownloadError
 from dataset.datasets import make_reader
 from dataset.lists import ConfigError
 from experts import edge
 from experts.registry import generator_network
-from helpers.hub import DownloadError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.files import CheckpointError
 from dataset import SampleError, load_label_spaces, read_ocr_record
 from dataset.label_space import SPACES
 from experts import edge
 from helpers import checkpoint
-from helpers.files import CheckpointError
 from model import PrismerCaption, convert
 from model.tokenizer import load_tokenizer
 from tests.conftest import tiny_size
