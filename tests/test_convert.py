@@ -7,8 +7,8 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaForMaskedLM
 
 from common.hub import DownloadError
+from common.weights import read_state_dict
 from model import PrismerCaption
-from model.convert import read_state_dict
 from tests.conftest import random_experts, tiny_size
 
 WIDTH, RES = 64, 64
