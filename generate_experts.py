@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from common.files import atomic_write
 from common.hub import hub_file
+from common.modalities import EXPERTS, label_networks
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, label_file, read_image
-from experts.registry import EXPERTS, generator_network, label_networks
+from experts import generator_network
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")

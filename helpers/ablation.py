@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.modalities import EXPERTS
 from dataset.world import WorldConfig, generate, image_name
-from experts.registry import EXPERTS
 from helpers import checkpoint
 from helpers.config import load_config
 from helpers.quickstart import vqa_question_prior, world_overrides

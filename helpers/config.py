@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from experts.registry import PRISMER_EXPERTS
+from common.modalities import PRISMER_EXPERTS
 from model.config import ModelConfig
 
 

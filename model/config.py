@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from experts.registry import parse_experts
+from common.modalities import parse_experts
 
 SIZES_FILE = Path(__file__).resolve().parent.parent / "configs" / "model_sizes.yaml"
 FREEZE_MODES = ("none", "freeze_vision", "freeze_lang", "freeze_lang_vision")

@@ -19,8 +19,8 @@ from torch import nn
 
 from common.files import CheckpointError, atomic_write, reason
 from common.hub import hub_file, hub_first_file
+from common.modalities import EXPERTS, PRISMER_EXPERTS
 from common.weights import WEIGHT_FILES, load_checked, read_state_dict, weights_file
-from experts.registry import EXPERTS
 from model.layers import resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ def official_config(name: str) -> dict:
             "_{base,large})"
         )
     task, variant, size = m.groups()
-    from experts.registry import PRISMER_EXPERTS
-
     return {
         "prismer_model": f"{variant}_{size}",
         "experts": list(PRISMER_EXPERTS) if variant == "prismer" else [],

@@ -60,7 +60,7 @@ def random_experts(experts, batch: int, image_resolution: int, label_resolution:
     """Model inputs in the form the datasets hand over."""
     import torch
 
-    from experts.registry import EXPERTS
+    from common.modalities import EXPERTS
 
     g = torch.Generator().manual_seed(seed)
     out = {"rgb": torch.randn(batch, 3, image_resolution, image_resolution, generator=g)}

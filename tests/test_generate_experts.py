@@ -16,8 +16,7 @@ import generate_experts
 from common.hub import DownloadError
 from dataset.datasets import make_reader
 from dataset.lists import ConfigError
-from experts import edge
-from experts.registry import generator_network
+from experts import edge, generator_network
 
 ROOT = Path(__file__).resolve().parent.parent
 
