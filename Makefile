@@ -16,7 +16,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 setup: $(BIN)/.installed
 
 quickstart: setup
-	$(BIN)/python -m helpers.quickstart
+	$(BIN)/python -m sandbox.quickstart
 
 test: setup
 	$(BIN)/ruff check .

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from dataset.datasets import make_reader
-from dataset.world import WorldConfig, generate, image_name
-from helpers import ablation
+from sandbox import ablation
+from sandbox.world import WorldConfig, generate, image_name
 
 TINY = WorldConfig(train_scenes=8, test_scenes=4, resolution=64)
 

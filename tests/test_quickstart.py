@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from helpers import quickstart
+from sandbox import quickstart
 
 
 def test_main_job_generates_trains_scores_and_writes_samples(tmp_path, capsys):

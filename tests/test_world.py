@@ -18,7 +18,8 @@ from PIL import Image
 
 import train_caption
 from dataset import create_dataset
-from dataset.world import (
+from sandbox.quickstart import RECIPES, vqa_baseline, world_overrides
+from sandbox.world import (
     CHUNK,
     DET_CLASSES,
     SEG_CLASSES,
@@ -28,7 +29,6 @@ from dataset.world import (
     make_scene,
     name_feature,
 )
-from helpers.quickstart import RECIPES, vqa_baseline, world_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["depth", "normal", "edge", "seg_coco", "seg_ade", "obj_detection", "ocr_detection"]
@@ -88,7 +88,7 @@ def test_interrupted_generation_resumes_without_duplicates_or_corruption(tmp_pat
     root = tmp_path / "killed"
     args = [f"--set={k}={v}" for k, v in values.items()]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataset.world", "--root", str(root), "--workers", "1", *args],
+        [sys.executable, "-m", "sandbox.world", "--root", str(root), "--workers", "1", *args],
         cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,

@@ -6,7 +6,7 @@ single-expert models trained on the first N training scenes for several N.
 corrupted version of themselves (each image given another image's label),
 against clean Prismer at the same N.
 
-Every run goes through the real paths: `dataset.world.generate`, the recipe
+Every run goes through the real paths: `sandbox.world.generate`, the recipe
 `configs/world_vqa.yaml` with `--set` overrides, `train_vqa.main` and its
 evaluation. The metric is VQA accuracy (percent, the engine's `eval/accuracy`):
 ranking a short answer list is cheap (no beam search, no pycocoevalcap), and the
@@ -39,10 +39,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.modalities import EXPERTS
-from dataset.world import WorldConfig, generate, image_name
 from helpers import checkpoint
 from helpers.config import load_config
-from helpers.quickstart import vqa_question_prior, world_overrides
+from sandbox.quickstart import vqa_question_prior, world_overrides
+from sandbox.world import WorldConfig, generate, image_name
 
 log = logging.getLogger("ablation")
 

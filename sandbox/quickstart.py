@@ -1,6 +1,6 @@
 """The main job (`make quickstart`): the synthetic world end to end on a laptop.
 
-Generates the world if missing (`dataset.world`), trains a small Prismer with
+Generates the world if missing (`sandbox.world`), trains a small Prismer with
 every expert from random init through the real `train_caption.main` and
 `train_vqa.main` with the world recipes in `configs/`, scores it with the
 engine's evaluation (COCO caption metrics, VQA accuracy), writes sample
@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dataset.world import WorldConfig, generate
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
+from sandbox.world import WorldConfig, generate
 
 log = logging.getLogger("quickstart")
 # Sized so both tasks train and evaluate in about ten minutes on 2 CPU cores.
