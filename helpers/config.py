@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from common.modalities import PRISMER_EXPERTS
+from helpers.distributed import PRECISIONS, SHARDINGS
 from model.config import ModelConfig
 
 
@@ -70,6 +71,9 @@ class RunConfig(ModelConfig):
     tracker: str | None = "tensorboard"  # tensorboard | wandb | None
     max_train_steps: int = 0  # 0: no limit (for smoke runs)
     seed: int = 42
+    # processes; the run's config.json records the precision helpers.distributed decided for `auto`
+    mixed_precision: str = "auto"  # auto (fp16 on a GPU, else no) | no | fp16 | bf16
+    sharding: str = "none"  # none | shard_grad_op (FSDP2, ZeRO-2) | full_shard (ZeRO-3)
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +81,10 @@ class RunConfig(ModelConfig):
             raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
         if self.inference not in ("rank", "generate"):
             raise ValueError(f"inference must be rank or generate, not {self.inference!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, not {self.mixed_precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, not {self.sharding!r}")
         if self.eval_every_epochs < 0:
             raise ValueError(
                 f"eval_every_epochs must be >= 0 (0: only after the last epoch), not {self.eval_every_epochs}"
@@ -103,7 +111,10 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):
             return value
-    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}")
+    quote = ""
+    if isinstance(value, bool) and any((typing.get_origin(o) or o) is str for o in options):
+        quote = " (YAML reads unquoted no/yes/off/on as booleans: quote it)"
+    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}{quote}")
 
 
 def build_config(values: dict, where: str) -> RunConfig:
