@@ -1,4 +1,4 @@
-"""Typed run configs: YAML recipes plus `--set key=value` overrides.
+"""Typed run configs: YAML recipes plus keys set from Python or by `--set key=value`.
 
 Every key is a dataclass field; an unknown key or a value of the wrong type
 is an error that names the key and the file before anything is loaded.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,12 @@ def build_config(values: dict, where: str) -> RunConfig:
     return RunConfig(**{k: _coerce(k, v, hints[k], where) for k, v in values.items()})
 
 
-def load_config(path: str | Path, section: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """A recipe file (optionally one section of it, e.g. `coco` in caption.yaml) plus overrides."""
+def load_config(
+    path: str | Path, section: str | None = None, overrides: list[str] = (), values: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """A recipe file (optionally one section of it, e.g. `coco` in caption.yaml), then
+    `values` (keys set from Python), then `overrides` (a command line's `key=value`
+    strings, values read as YAML): later ones win, and all are checked alike."""
     path = Path(path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -135,7 +140,7 @@ def load_config(path: str | Path, section: str | None = None, overrides: list[st
         if section not in data:
             raise ValueError(f"{path} has no section {section!r}; sections: {sorted(data)}")
         data, where = data[section], f"{path} [{section}]"
-    data = dict(data)
+    data = dict(data) | dict(values or {})
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:

@@ -1,5 +1,9 @@
 """The one training engine under train_pretrain.py, train_caption.py and
-train_vqa.py: config, data, model, optimisation, checkpoints, evaluation."""
+train_vqa.py: config, data, model, optimisation, checkpoints, evaluation.
+
+`run(task, cfg, options)` is the entry point, from Python (the sandbox's jobs)
+as from the scripts, whose `main(argv)` turns a command line into its
+arguments with `from_argv`."""
 
 from __future__ import annotations
 
@@ -176,21 +180,40 @@ class Session:
         return {"synced_gpus": True} if self.sharded else {}
 
 
-def run(task: Task, argv=None, description: str = "", default_config: str = "", default_section=None) -> dict:
-    """Train (unless --evaluate) and evaluate; returns the final metrics."""
+@dataclass
+class RunOptions:
+    """How to start a run, beside its config: what a command line says that is not a config key."""
+
+    exp_name: str = "run"  # outputs go to <output_dir>/<task>_<exp_name>
+    from_checkpoint: str | None = None  # resume: a training checkpoint folder, or "latest" (the run's newest)
+    fresh_if_missing: bool = False  # with from_checkpoint: start fresh when there is no checkpoint
+    evaluate: bool = False  # evaluate only
+
+
+def from_argv(argv, description: str, default_config: str, default_section: str | None) -> tuple[RunConfig, RunOptions]:
+    """A script's command line as a run: the recipe with its --set overrides and
+    shortcut flags, init_checkpoint's architecture taken over the recipe's
+    (except keys the command line sets), and the options. Logs to the terminal."""
     args = parse_args(argv, description, default_config, default_section)
-    distributed.stop_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.target_dataset, args.set + shortcut_overrides(args))
     if cfg.init_checkpoint:
         cfg, taken = adopt_checkpoint_model(cfg, {item.partition("=")[0].strip() for item in args.set})
         for key, value in taken.items():
             log.info("%s: %s taken from init_checkpoint %s", key, value, cfg.init_checkpoint)
-    out_dir = Path(cfg.output_dir) / f"{task.name}_{args.exp_name}"
+    return cfg, RunOptions(args.exp_name, args.from_checkpoint, args.fresh_if_missing, args.evaluate)
+
+
+def run(task: Task, cfg: RunConfig, options: RunOptions | None = None) -> dict:
+    """Train (unless options.evaluate) and evaluate `cfg`; returns the final metrics.
+    The run's config.json is `cfg` with its precision decided (helpers.distributed)."""
+    options = options or RunOptions()
+    distributed.stop_with_launcher()
+    out_dir = Path(cfg.output_dir) / f"{task.name}_{options.exp_name}"
     resume = None
-    if args.from_checkpoint:
-        resume = checkpoint.resolve(args.from_checkpoint, out_dir / "checkpoints")
-        if resume is None and not args.fresh_if_missing:
+    if options.from_checkpoint:
+        resume = checkpoint.resolve(options.from_checkpoint, out_dir / "checkpoints")
+        if resume is None and not options.fresh_if_missing:
             raise FileNotFoundError(
                 f"--from_checkpoint: no complete checkpoint in {out_dir / 'checkpoints'}; "
                 "pass --fresh_if_missing to start fresh"
@@ -221,7 +244,7 @@ def run(task: Task, argv=None, description: str = "", default_config: str = "", 
         progress = session.load_checkpoint(resume)
         log.info("resumed from %s at epoch %d, batch %d", resume, progress["epoch"], progress["batch"])
 
-    if not args.evaluate and train_set is not None:
+    if not options.evaluate and train_set is not None:
         metrics = train(session, train_set, test_set, progress)
     else:
         metrics = session.evaluate(test_set)
