@@ -1,6 +1,6 @@
 # Two entry points, each creating .venv on first use:
 #   make quickstart   set up, then run the main job on built-in data
-#   make test         set up, then lint and run the test suite
+#   make test         set up, then lint (ruff, import floors) and run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,4 +21,5 @@ quickstart: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
