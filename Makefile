@@ -1,6 +1,6 @@
 # Two entry points, each creating .venv on first use:
 #   make quickstart   set up, then run the main job on built-in data
-#   make test         set up, then lint and run the test suite
+#   make test         set up, then lint (ruff, import floors) and run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,9 +16,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 setup: $(BIN)/.installed
 
 quickstart: setup
-	$(BIN)/python -m helpers.quickstart
+	$(BIN)/python -m sandbox.quickstart
 
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest

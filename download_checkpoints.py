@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from helpers.hub import DownloadError, hub_file
+from common.hub import DownloadError, hub_file
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("download_checkpoints")

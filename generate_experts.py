@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.files import atomic_write
+from common.hub import hub_file
+from common.modalities import EXPERTS, label_networks
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, label_file, read_image
-from experts.registry import EXPERTS, generator_network, label_networks
-from helpers.files import atomic_write
-from helpers.hub import hub_file
+from experts import generator_network
+from helpers.distributed import PRECISIONS, make_accelerator, stop_with_launcher
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")
@@ -63,15 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", help="local weight file (default: the official one from the hub)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument(
-        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="the official labels used fp16 (GPU)"
-    )
+    p.add_argument("--mixed_precision", default="no", choices=PRECISIONS, help="the official labels used fp16 (GPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from accelerate import Accelerator
-
-    from helpers.distributed import stop_with_launcher
-
     stop_with_launcher()
 
     t0 = time.perf_counter()
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     network = generator_network(args.expert)
     paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
     out = {q: label_file(save, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(args.mixed_precision)
     # Split the listing, not what is left: processes that check the disk at
     # different moments would otherwise disagree about who does which image.
     share = paths[accelerator.process_index :: accelerator.num_processes]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from helpers.engine import cli, run
+from helpers.engine import cli, from_argv, run
 from helpers.tasks import CAPTION
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(CAPTION, argv, description=__doc__, default_config="configs/caption.yaml", default_section="coco")
+    cfg, options = from_argv(argv, __doc__, default_config="configs/caption.yaml", default_section="coco")
+    return run(CAPTION, cfg, options)
 
 
 if __name__ == "__main__":

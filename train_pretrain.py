@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from helpers.engine import cli, run
+from helpers.engine import cli, from_argv, run
 from helpers.tasks import PRETRAIN
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(PRETRAIN, argv, description=__doc__, default_config="configs/pretrain.yaml", default_section=None)
+    cfg, options = from_argv(argv, __doc__, default_config="configs/pretrain.yaml", default_section=None)
+    return run(PRETRAIN, cfg, options)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.modalities import PRISMER_EXPERTS  # noqa: E402
 from dataset import create_dataset, paint  # noqa: E402
 from dataset.files import write_ocr_record  # noqa: E402
-from experts.registry import PRISMER_EXPERTS  # noqa: E402
 
 
 def build(root: Path, n: int) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset import world  # noqa: E402
+from sandbox import world  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

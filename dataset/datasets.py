@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from common.modalities import EXPERTS, parse_experts
 from dataset.files import READ_ERRORS
 from dataset.label_space import load_label_spaces
 from dataset.lists import ConfigError, load_data_list
 from dataset.sample import ExpertReader, stack_experts
 from dataset.text import pre_caption, pre_question
 from dataset.transforms import LABEL_SIZE, Transform
-from experts.registry import EXPERTS, parse_experts
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers.files import CheckpointError, atomic_write, load_safetensors, load_torch
+from common.files import CheckpointError, atomic_write, load_safetensors, load_torch
 
 # A truncated file must fail, not decode to grey; the sample is then skipped.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

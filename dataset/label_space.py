@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.files import CheckpointError, load_safetensors, load_torch
+from common.files import CheckpointError, load_safetensors, load_torch
 
 SPACES = ("coco", "ade", "detection")
 FEATURE_DIM = 64

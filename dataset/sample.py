@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.modalities import EXPERTS, parse_experts
 from dataset.files import (
     SampleError,
     check_ids,
@@ -33,7 +34,6 @@ from dataset.files import (
 )
 from dataset.label_space import NONE_ID, LabelSpaces
 from dataset.transforms import Transform
-from experts.registry import EXPERTS, parse_experts
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from experts.registry import EXPERTS
+from common.modalities import EXPERTS
 
 LABEL_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

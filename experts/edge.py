@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.convert import load_checked, read_state_dict
+from common.weights import load_checked, read_state_dict
 
 RESOLUTION = 480  # the official generation resizes every image to 480 x 480
 MEAN_RGB = (0.485, 0.456, 0.406)  # subtracted with std 1, before the x255 and the BGR flip

@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from common.files import CheckpointError, load_json, load_safetensors, load_torch, reason
 from helpers import distributed
-from helpers.files import CheckpointError, load_json, load_safetensors, load_torch, reason
 
 PROGRESS = "progress.json"
 # Where a resumed run starts; the engine reads these from progress.json.

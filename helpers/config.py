@@ -1,4 +1,4 @@
-"""Typed run configs: YAML recipes plus `--set key=value` overrides.
+"""Typed run configs: YAML recipes plus keys set from Python or by `--set key=value`.
 
 Every key is a dataclass field; an unknown key or a value of the wrong type
 is an error that names the key and the file before anything is loaded.
@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from experts.registry import PRISMER_EXPERTS
+from common.modalities import PRISMER_EXPERTS
+from helpers.distributed import PRECISIONS, SHARDINGS
 from model.config import ModelConfig
 
 
@@ -70,6 +72,9 @@ class RunConfig(ModelConfig):
     tracker: str | None = "tensorboard"  # tensorboard | wandb | None
     max_train_steps: int = 0  # 0: no limit (for smoke runs)
     seed: int = 42
+    # processes; the run's config.json records the precision helpers.distributed decided for `auto`
+    mixed_precision: str = "auto"  # auto (fp16 on a GPU, else no) | no | fp16 | bf16
+    sharding: str = "none"  # none | shard_grad_op (FSDP2, ZeRO-2) | full_shard (ZeRO-3)
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +82,10 @@ class RunConfig(ModelConfig):
             raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
         if self.inference not in ("rank", "generate"):
             raise ValueError(f"inference must be rank or generate, not {self.inference!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, not {self.mixed_precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, not {self.sharding!r}")
         if self.eval_every_epochs < 0:
             raise ValueError(
                 f"eval_every_epochs must be >= 0 (0: only after the last epoch), not {self.eval_every_epochs}"
@@ -103,7 +112,10 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):
             return value
-    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}")
+    quote = ""
+    if isinstance(value, bool) and any((typing.get_origin(o) or o) is str for o in options):
+        quote = " (YAML reads unquoted no/yes/off/on as booleans: quote it)"
+    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}{quote}")
 
 
 def build_config(values: dict, where: str) -> RunConfig:
@@ -114,8 +126,12 @@ def build_config(values: dict, where: str) -> RunConfig:
     return RunConfig(**{k: _coerce(k, v, hints[k], where) for k, v in values.items()})
 
 
-def load_config(path: str | Path, section: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """A recipe file (optionally one section of it, e.g. `coco` in caption.yaml) plus overrides."""
+def load_config(
+    path: str | Path, section: str | None = None, overrides: list[str] = (), values: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """A recipe file (optionally one section of it, e.g. `coco` in caption.yaml), then
+    `values` (keys set from Python), then `overrides` (a command line's `key=value`
+    strings, values read as YAML): later ones win, and all are checked alike."""
     path = Path(path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -124,7 +140,7 @@ def load_config(path: str | Path, section: str | None = None, overrides: list[st
         if section not in data:
             raise ValueError(f"{path} has no section {section!r}; sections: {sorted(data)}")
         data, where = data[section], f"{path} [{section}]"
-    data = dict(data)
+    data = dict(data) | dict(values or {})
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -141,7 +157,7 @@ def adopt_checkpoint_model(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfi
     """Take the architecture of `init_checkpoint` (our folder's config.json, or
     an official name's) over the recipe's, except keys the user set explicitly.
     Returns the new config and what was taken."""
-    from helpers.files import load_json
+    from common.files import load_json
     from model.convert import OFFICIAL_NAME, official_config
     from model.prismer import CONFIG_FILE
 

@@ -1,6 +1,8 @@
 """Everything about processes, precision and sharding, in one place: the
-engine asks for an Accelerator (processes, DDP, autocast, trackers) and, for
---shard_grad_op / --full_shard, gets the model sharded here with FSDP2."""
+precision a run gets is decided here (`resolve_precision`), the engine and
+generate_experts.py ask for an Accelerator (processes, DDP, autocast,
+trackers), and sharded runs (`sharding` shard_grad_op / full_shard) get the
+model sharded here with FSDP2."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# A run's `mixed_precision` and `sharding` keys (helpers.config.RunConfig).
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+SHARDINGS = ("none", "shard_grad_op", "full_shard")  # FSDP2: ZeRO-2, ZeRO-3
 
 # FSDP2 units: ViT block halves' owner, adaptors, resampler blocks, decoder
 # layers. Prismer runs some blocks in halves (attention, then an adaptor, then
@@ -44,14 +50,37 @@ def stop_with_launcher() -> None:
         log.warning("could not tie this worker to its launcher (prctl errno %d)", ctypes.get_errno())
 
 
-def make_accelerator(
-    mixed_precision: str, grad_accum_steps: int, project_dir: str, tracker: str | None, sharded: bool = False
-) -> Accelerator:
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+def resolve_precision(requested: str, sharding: str = "none") -> str:
+    """The precision a run gets, decided once: `auto` is fp16 on a GPU and full
+    precision (`no`) elsewhere, and fp16 without a GPU falls back to full
+    precision. Deciding a decided value again gives it back unchanged."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, not {requested!r}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
+    if requested == "auto":
+        requested = "fp16" if torch.cuda.is_available() else "no"
+    if requested == "fp16" and not torch.cuda.is_available():
         log.warning("fp16 needs a GPU; running in full precision")
-        mixed_precision = "no"
-    if sharded and mixed_precision == "fp16":
-        raise ValueError("FSDP runs here take --mixed_precision bf16 or no (fp16 would need a sharded grad scaler)")
+        requested = "no"
+    if sharding != "none" and requested == "fp16":
+        raise ValueError(
+            f"sharding {sharding} takes mixed_precision bf16 or no, not fp16 (the auto choice on a GPU): "
+            "fp16 would need a sharded grad scaler"
+        )
+    return requested
+
+
+def make_accelerator(
+    mixed_precision: str = "no",
+    grad_accum_steps: int = 1,
+    project_dir: str | None = None,
+    tracker: str | None = None,
+    sharding: str = "none",
+) -> Accelerator:
+    """The processes' Accelerator (DDP, autocast, trackers) at the precision
+    `resolve_precision` decides; a sharded run's precision is applied by shard_model."""
+    mixed_precision = resolve_precision(mixed_precision, sharding)
     log_with = None
     if tracker == "tensorboard" and importlib.util.find_spec("tensorboard"):
         log_with = "tensorboard"
@@ -61,28 +90,31 @@ def make_accelerator(
         log_with = "wandb"
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
-        # Sharded runs cast parameters inside FSDP (MixedPrecisionPolicy) instead of autocasting.
-        mixed_precision="no" if sharded else mixed_precision,
+        # Sharded runs cast parameters inside FSDP (MixedPrecisionPolicy, shard_model) instead of autocasting;
+        # otherwise accelerate autocasts the prepared model's forward, and nothing else needs to.
+        mixed_precision="no" if sharding != "none" else mixed_precision,
         gradient_accumulation_steps=grad_accum_steps,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
+        project_config=ProjectConfiguration(
+            project_dir=project_dir, logging_dir=f"{project_dir}/logs" if project_dir else None
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
 
 
-def shard_model(model: nn.Module, accelerator: Accelerator, full_shard: bool, mixed_precision: str) -> nn.Module:
+def shard_model(model: nn.Module, accelerator: Accelerator, sharding: str, mixed_precision: str) -> nn.Module:
     """FSDP2 `fully_shard` on every unit, each part, then the whole model.
 
-    full_shard (ZeRO-3) frees gathered parameters after forward; otherwise
-    (ZeRO-2) they stay gathered until backward. Frozen parameters shard like
+    full_shard (ZeRO-3) frees gathered parameters after forward; shard_grad_op
+    (ZeRO-2) keeps them gathered until backward. Frozen parameters shard like
     the rest: FSDP2 handles mixed requires_grad per parameter."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
+    dtype = {"bf16": torch.bfloat16}.get(resolve_precision(mixed_precision, sharding))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-    kw = {"mesh": mesh, "reshard_after_forward": full_shard, "mp_policy": policy}
+    kw = {"mesh": mesh, "reshard_after_forward": sharding == "full_shard", "mp_policy": policy}
     for module in list(model.modules()):
         methods = SHARD_UNITS.get(type(module).__name__)
         if methods is not None:

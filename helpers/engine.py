@@ -1,9 +1,14 @@
 """The one training engine under train_pretrain.py, train_caption.py and
-train_vqa.py: config, data, model, optimisation, checkpoints, evaluation."""
+train_vqa.py: config, data, model, optimisation, checkpoints, evaluation.
+
+`run(task, cfg, options)` is the entry point, from Python (the sandbox's jobs)
+as from the scripts, whose `main(argv)` turns a command line into its
+arguments with `from_argv`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +24,7 @@ from tqdm import tqdm
 
 from helpers import checkpoint, distributed
 from helpers.config import RunConfig, adopt_checkpoint_model, load_config
-from helpers.distributed import make_accelerator
+from helpers.distributed import PRECISIONS, make_accelerator
 
 log = logging.getLogger("engine")
 
@@ -58,13 +63,23 @@ def parse_args(argv, description: str, default_config: str, default_section: str
     )
     p.add_argument("--fresh_if_missing", action="store_true", help="with --from_checkpoint: start fresh if none")
     p.add_argument("--evaluate", action="store_true", help="evaluate only")
-    p.add_argument(
-        "--mixed_precision", default="fp16" if torch.cuda.is_available() else "no", choices=["no", "fp16", "bf16"]
-    )
-    p.add_argument("--shard_grad_op", action="store_true", help="FSDP2, ZeRO-2")
-    p.add_argument("--full_shard", action="store_true", help="FSDP2, ZeRO-3")
-    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    # Shortcuts for config keys (they win over --set).
+    p.add_argument("--mixed_precision", choices=PRECISIONS, help="sets mixed_precision (default auto: fp16 on a GPU)")
+    shard = p.add_mutually_exclusive_group()
+    shard.add_argument("--shard_grad_op", action="store_true", help="sets sharding=shard_grad_op (FSDP2, ZeRO-2)")
+    shard.add_argument("--full_shard", action="store_true", help="sets sharding=full_shard (FSDP2, ZeRO-3)")
+    p.add_argument("--seed", type=int, default=None, help="sets seed")
     return p.parse_args(argv)
+
+
+def shortcut_overrides(args) -> list[str]:
+    """The shortcut flags as `key=value` overrides (values JSON-quoted: YAML would read `no` as false)."""
+    keys = {
+        "seed": args.seed,
+        "mixed_precision": args.mixed_precision,
+        "sharding": "shard_grad_op" if args.shard_grad_op else "full_shard" if args.full_shard else None,
+    }
+    return [f"{k}={json.dumps(v)}" for k, v in keys.items() if v is not None]
 
 
 def lr_at(cfg: RunConfig, epoch: int, global_step: int, total_steps: int | None) -> float:
@@ -113,8 +128,11 @@ class Session:
     accelerator: object
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    sharded: bool
     out_dir: Path
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.sharding != "none"
 
     @property
     def ckpt_dir(self) -> Path:
@@ -162,30 +180,46 @@ class Session:
         return {"synced_gpus": True} if self.sharded else {}
 
 
-def run(task: Task, argv=None, description: str = "", default_config: str = "", default_section=None) -> dict:
-    """Train (unless --evaluate) and evaluate; returns the final metrics."""
+@dataclass
+class RunOptions:
+    """How to start a run, beside its config: what a command line says that is not a config key."""
+
+    exp_name: str = "run"  # outputs go to <output_dir>/<task>_<exp_name>
+    from_checkpoint: str | None = None  # resume: a training checkpoint folder, or "latest" (the run's newest)
+    fresh_if_missing: bool = False  # with from_checkpoint: start fresh when there is no checkpoint
+    evaluate: bool = False  # evaluate only
+
+
+def from_argv(argv, description: str, default_config: str, default_section: str | None) -> tuple[RunConfig, RunOptions]:
+    """A script's command line as a run: the recipe with its --set overrides and
+    shortcut flags, init_checkpoint's architecture taken over the recipe's
+    (except keys the command line sets), and the options. Logs to the terminal."""
     args = parse_args(argv, description, default_config, default_section)
-    distributed.stop_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    seed = [f"seed={args.seed}"] if args.seed is not None else []
-    cfg = load_config(args.config, args.target_dataset, args.set + seed)
+    cfg = load_config(args.config, args.target_dataset, args.set + shortcut_overrides(args))
     if cfg.init_checkpoint:
         cfg, taken = adopt_checkpoint_model(cfg, {item.partition("=")[0].strip() for item in args.set})
         for key, value in taken.items():
             log.info("%s: %s taken from init_checkpoint %s", key, value, cfg.init_checkpoint)
-    out_dir = Path(cfg.output_dir) / f"{task.name}_{args.exp_name}"
+    return cfg, RunOptions(args.exp_name, args.from_checkpoint, args.fresh_if_missing, args.evaluate)
+
+
+def run(task: Task, cfg: RunConfig, options: RunOptions | None = None) -> dict:
+    """Train (unless options.evaluate) and evaluate `cfg`; returns the final metrics.
+    The run's config.json is `cfg` with its precision decided (helpers.distributed)."""
+    options = options or RunOptions()
+    distributed.stop_with_launcher()
+    out_dir = Path(cfg.output_dir) / f"{task.name}_{options.exp_name}"
     resume = None
-    if args.from_checkpoint:
-        resume = checkpoint.resolve(args.from_checkpoint, out_dir / "checkpoints")
-        if resume is None and not args.fresh_if_missing:
+    if options.from_checkpoint:
+        resume = checkpoint.resolve(options.from_checkpoint, out_dir / "checkpoints")
+        if resume is None and not options.fresh_if_missing:
             raise FileNotFoundError(
                 f"--from_checkpoint: no complete checkpoint in {out_dir / 'checkpoints'}; "
                 "pass --fresh_if_missing to start fresh"
             )
-    if args.shard_grad_op and args.full_shard:
-        raise ValueError("choose one of --shard_grad_op and --full_shard")
-    sharded = args.shard_grad_op or args.full_shard
-    accelerator = make_accelerator(args.mixed_precision, cfg.grad_accum_steps, str(out_dir), cfg.tracker, sharded)
+    cfg = dataclasses.replace(cfg, mixed_precision=distributed.resolve_precision(cfg.mixed_precision, cfg.sharding))
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps, str(out_dir), cfg.tracker, cfg.sharding)
     set_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -194,23 +228,23 @@ def run(task: Task, argv=None, description: str = "", default_config: str = "", 
     train_set, test_set = task.datasets(cfg)
     model = build_model(task, cfg)
     tokenizer = model.tokenizer
-    if sharded:
-        model = distributed.shard_model(model, accelerator, args.full_shard, args.mixed_precision)
+    if cfg.sharding != "none":
+        model = distributed.shard_model(model, accelerator, cfg.sharding, cfg.mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay)
-    if not sharded:
+    if cfg.sharding == "none":
         model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).tokenizer = tokenizer
     if accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
-    session = Session(task, cfg, accelerator, model, optimizer, sharded, out_dir)
+    session = Session(task, cfg, accelerator, model, optimizer, out_dir)
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "skipped_nan": 0}
     if resume is not None:
         progress = session.load_checkpoint(resume)
         log.info("resumed from %s at epoch %d, batch %d", resume, progress["epoch"], progress["batch"])
 
-    if not args.evaluate and train_set is not None:
+    if not options.evaluate and train_set is not None:
         metrics = train(session, train_set, test_set, progress)
     else:
         metrics = session.evaluate(test_set)
@@ -231,8 +265,8 @@ def train_step(session: Session, batch, lr: float) -> float | None:
     # Batch-norm statistics move in forward: a skipped step must not keep what a NaN batch did to them.
     stats = [(b, b.clone()) for b in model.buffers()]
     with accelerator.accumulate(model):
-        with accelerator.autocast():
-            loss = session.task.loss(model, batch, cfg)
+        # Precision: accelerate autocasts the prepared model's forward; FSDP2 casts a sharded one's parameters.
+        loss = session.task.loss(model, batch, cfg)
         # One all-reduce carries both: the summed loss and the number of ranks whose loss is not finite.
         local = loss.detach().float()
         total = accelerator.reduce(torch.stack([local, (~torch.isfinite(local)).float()]), "sum")

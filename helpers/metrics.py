@@ -30,7 +30,7 @@ from pycocoevalcap.spice import spice as spice_module
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
-from helpers.files import atomic_write
+from common.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Typed model configuration, and the registry of named sizes in `configs/`."""
+"""Typed model configuration, and the named sizes in `sizes.yaml` beside it (found
+relative to the package, so an installed model finds them too)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from experts.registry import parse_experts
+from common.modalities import parse_experts
 
-SIZES_FILE = Path(__file__).resolve().parent.parent / "configs" / "model_sizes.yaml"
+SIZES_FILE = Path(__file__).resolve().parent / "sizes.yaml"
 FREEZE_MODES = ("none", "freeze_vision", "freeze_lang", "freeze_lang_vision")
 VISION_KEYS = {"width", "layers", "patch_size", "act", "image_resolution", "label_resolution"}
 
@@ -26,7 +27,7 @@ def model_sizes() -> dict[str, dict]:
 
 
 def resolve_size(prismer_model: str | Mapping) -> dict:
-    """A size name from `configs/model_sizes.yaml`, or an inline size
+    """A size name from `model/sizes.yaml`, or an inline size
     `{"vision": {...}, "roberta": {...}}` (the form of the parity spec.json)."""
     if isinstance(prismer_model, str):
         sizes = model_sizes()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experts.registry import EXPERTS
+from common.modalities import EXPERTS
 from model.layers import MLP, Adaptor, Attention, LayerNorm, resize_pos_embed
 from model.resampler import PerceiverResampler
 

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import RobertaConfig
 
-from helpers.files import CheckpointError, load_json, load_safetensors, reason
+from common.files import CheckpointError, load_json, load_safetensors, reason
+from common.weights import load_checked, read_state_dict, weights_file
 from model import convert, generation
 from model.config import ModelConfig
 from model.decoder import PrismerTextDecoder
@@ -99,8 +100,8 @@ class Prismer(nn.Module):
         """A released model by name, its config derived from the name; `path`
         points at a local copy of its pytorch_model.bin (else the hub)."""
         cfg = convert.official_config(name) | overrides
-        source = convert.weights_file(convert.resolve_checkpoint(path or name))
-        state = convert.read_state_dict(source)
+        source = weights_file(convert.resolve_checkpoint(path or name))
+        state = read_state_dict(source)
         if convert.POS_KEY not in state:
             raise CheckpointError(f"{source}: has no {convert.POS_KEY}, expected a Prismer checkpoint")
         if "image_resolution" not in overrides:  # the checkpoint's own grid (480 px for fine-tuned base)
@@ -108,7 +109,7 @@ class Prismer(nn.Module):
             cfg["image_resolution"] = grid * ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
         model = cls(cfg, tokenizer=tokenizer)
         convert.check_experts(state, model.config.experts, f"{name} ({source})")
-        convert.load_checked(model, convert.official_to_model(state, model), f"{name} ({source})")
+        load_checked(model, convert.official_to_model(state, model), f"{name} ({source})")
         return model
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
@@ -140,7 +141,7 @@ class Prismer(nn.Module):
             config = ModelConfig.from_dict(config.to_dict() | overrides)
         model = cls(config, tokenizer=tokenizer)
         path = folder / WEIGHTS_FILE
-        convert.load_checked(model, convert.official_to_model(load_safetensors(path), model), str(path))
+        load_checked(model, convert.official_to_model(load_safetensors(path), model), str(path))
         return model
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from transformers import RobertaTokenizerFast
 
-from helpers.files import CheckpointError, load_json, reason
-from helpers.hub import DownloadError, hub_file
+from common.files import CheckpointError, load_json, reason
+from common.hub import DownloadError, hub_file
 
 # The JSON files a tokenizer folder may hold, each an object.
 JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

@@ -93,7 +93,7 @@ def tiny_size(vocab_size: int = 400, width: int = 64, layers: int = 2) -> dict:
 
 def random_experts(experts, batch: int, image_resolution: int, label_resolution: int = 64, seed: int = 0) -> dict:
     """Model inputs in the form the datasets hand over."""
-    from experts.registry import EXPERTS
+    from common.modalities import EXPERTS
 
     g = torch.Generator().manual_seed(seed)
     out = {"rgb": torch.randn(batch, 3, image_resolution, image_resolution, generator=g)}

@@ -51,8 +51,8 @@ def ddp_grads(out: Path, tokenizer):
 
 def fsdp_roundtrip(out: Path, tokenizer):
     """Train one sharded step, then the gathered full state dict must compute what the sharded model computes."""
-    acc = distributed.make_accelerator("no", 1, str(out), None, sharded=True)
-    model = distributed.shard_model(build(tokenizer), acc, full_shard=True, mixed_precision="no")
+    acc = distributed.make_accelerator("no", 1, str(out), None, sharding="full_shard")
+    model = distributed.shard_model(build(tokenizer), acc, sharding="full_shard", mixed_precision="no")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = random_experts(EXPERTS, 4, 64, seed=1)
     model(rank_slice(x, acc.process_index, 2), CORPUS[:2]).backward()
@@ -76,15 +76,23 @@ def nan_on_one_rank(out: Path, tokenizer, sharded: str):
     """The engine's step with a NaN in rank 1's images: both ranks skip it and
     keep identical weights; the next (finite) step trains both."""
     sharded = sharded == "1"
-    cfg = RunConfig(prismer_model=tiny_size(len(tokenizer)), experts=EXPERTS, image_resolution=64, pretrained=False)
-    acc = distributed.make_accelerator("no", 1, str(out), None, sharded=sharded)
+    sharding = "full_shard" if sharded else "none"
+    cfg = RunConfig(
+        prismer_model=tiny_size(len(tokenizer)),
+        experts=EXPERTS,
+        image_resolution=64,
+        pretrained=False,
+        mixed_precision="no",
+        sharding=sharding,
+    )
+    acc = distributed.make_accelerator("no", 1, str(out), None, sharding=sharding)
     model = build(tokenizer)
     if sharded:
-        model = distributed.shard_model(model, acc, full_shard=True, mixed_precision="no")
+        model = distributed.shard_model(model, acc, sharding=sharding, mixed_precision="no")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     if not sharded:
         model, optimizer = acc.prepare(model, optimizer)
-    session = Session(CAPTION, cfg, acc, model, optimizer, sharded, out)
+    session = Session(CAPTION, cfg, acc, model, optimizer, out)
     x = rank_slice(random_experts(EXPERTS, 4, 64, seed=1), acc.process_index, 2)
     captions = CORPUS[acc.process_index * 2 : acc.process_index * 2 + 2]
 

@@ -4,6 +4,8 @@ whole `--fast` pipeline end to end on a tiny world."""
 import csv
 import json
 import random
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ import torch
 from PIL import Image
 
 from dataset.datasets import make_reader
-from dataset.world import WorldConfig, generate, image_name
-from helpers import ablation
+from sandbox import ablation
+from sandbox.world import WorldConfig, generate, image_name
+from tests.test_quickstart import exact_accuracy, question_prior
 
 TINY = WorldConfig(train_scenes=8, test_scenes=4, resolution=64)
 
@@ -42,16 +45,16 @@ def read(labels, world, experts, image):
 )
 def test_corrupted_labels_are_valid_and_different(world, tmp_path, expert, mode):
     labels = ablation.corrupt_labels(world / "labels", expert, mode, tmp_path / "labels")
+    clean_pngs = sorted((world / "labels" / expert).rglob("*.png"))
+    assert len(clean_pngs) == TINY.num_scenes
+    for old in clean_pngs:  # every image's label is rewritten, in the same format
+        new = labels / old.relative_to(world / "labels")
+        with Image.open(new) as a, Image.open(old) as b:
+            assert (a.mode, a.size) == (b.mode, b.size)
+            assert not np.array_equal(np.asarray(a), np.asarray(b)), new
+    for other in {"depth", "normal", "edge", "seg_coco", "obj_detection", "ocr_detection"} - {expert}:
+        assert (labels / other).resolve() == (world / "labels" / other).resolve()
     image = image_name(0, TINY)
-    stem = image.rsplit(".", 1)[0]
-    new, old = (
-        tmp_path / "labels" / expert / "vqav2" / f"{stem}.png",
-        world / "labels" / expert / "vqav2" / f"{stem}.png",
-    )
-    with Image.open(new) as a, Image.open(old) as b:
-        assert (a.mode, a.size) == (b.mode, b.size)
-        assert not np.array_equal(np.asarray(a), np.asarray(b))
-    assert (tmp_path / "labels" / "edge").resolve() == (world / "labels" / "edge").resolve()
     clean, bad = read(world / "labels", world, [expert], image), read(labels, world, [expert], image)
     x, y = clean[expert], bad[expert]
     if isinstance(x, dict):  # painted: compare the feature each pixel gets
@@ -110,23 +113,53 @@ def test_fast_ablation_end_to_end(world, tmp_path):
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
     argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8", "--steps", "16", "--set", "batch_size_train=2"]
     rows = ablation.main(argv)
-    # PrismerZ at 4 and 8 scenes, clean Prismer at 8 (the reference), Prismer with noisy seg at 8;
-    # the image-blind question prior once per size.
+
+    # Every size x model x seed trained once: PrismerZ at 4 and 8 scenes, clean Prismer at 8
+    # (the reference), Prismer with noisy seg at 8; the image-blind question prior once per size.
     trained = [r for r in rows if r["model"] != ablation.PRIOR]
-    assert len(trained) == 4 * 2
-    assert {(r["model"], r["train_scenes"]) for r in trained} == {
-        ("PrismerZ", 4),
-        ("PrismerZ", 8),
-        ("Prismer", 8),
-        ("Prismer, seg_coco noise", 8),
+    points = {"PrismerZ": [4, 8], "Prismer": [8], "Prismer, seg_coco noise": [8]}
+    assert sorted((r["model"], r["train_scenes"], r["seed"]) for r in trained) == sorted(
+        (m, n, seed) for m, sizes in points.items() for n in sizes for seed in (0, 1)
+    )
+    assert {r["model"]: r["experiment"] for r in trained} == {
+        "PrismerZ": "data",
+        "Prismer": "data",
+        "Prismer, seg_coco noise": "robust",
     }
-    assert sorted(r["train_scenes"] for r in rows if r["model"] == ablation.PRIOR) == [4, 8]
-    assert all(0 <= r["accuracy"] <= 100 for r in rows)
     # 4 questions a scene, batches of 2: 4 scenes train 2 epochs, 8 scenes 1, both 16 steps.
     assert {(r["train_scenes"], r["epochs"], r["steps"]) for r in trained} == {(4, 2, 16), (8, 1, 16)}
+
+    # The prior is the question prior of each size's training list (its first scenes' questions).
+    all_train = json.loads((world / "data" / "vqav2_train_val.json").read_text())
+    test = json.loads((world / "data" / "vqav2_test.json").read_text())
+    priors = {r["train_scenes"]: r["accuracy"] for r in rows if r["model"] == ablation.PRIOR}
+    assert priors.keys() == {4, 8}
+    for n, accuracy in priors.items():
+        first = {image_name(i, TINY) for i in range(n)}
+        train = [e for e in all_train if e["image"] in first]
+        assert accuracy == pytest.approx(exact_accuracy(question_prior(train, test), test))
+
+    # Each run trained what its row says: its experts, seed, training list and label tree.
+    noisy = out / "labels" / "seg_coco_noise"
+    for r in trained:
+        name = f"{r['experiment']}_{r['model']}_{r['train_scenes']}_{r['seed']}".replace(", ", "_").replace(" ", "_")
+        cfg = json.loads((out / "runs" / name / "vqa_run" / "config.json").read_text())
+        assert cfg["experts"] == ([] if r["model"] == "PrismerZ" else ablation.ALL_EXPERTS)
+        assert (cfg["seed"], cfg["max_epoch"], cfg["batch_size_train"]) == (r["seed"], r["epochs"], 2)
+        assert Path(cfg["data_path"]) == out / "data" / f"train{r['train_scenes']}"
+        assert Path(cfg["label_path"]) == (noisy if r["experiment"] == "robust" else world / "labels")
+        assert 0 <= r["accuracy"] <= 100
+
+    # runs.csv holds every row; summary.json the mean and std over seeds of each point.
     with open(out / "runs.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+        csv_rows = list(csv.DictReader(f))
+    assert csv_rows == [{k: str(v) for k, v in r.items()} for r in rows]
     summary = json.loads((out / "summary.json").read_text())
-    assert all(s["seeds"] == (1 if s["model"] == ablation.PRIOR else 2) for s in summary)
+    assert len(summary) == 6  # PrismerZ at 2 sizes, Prismer, Prismer with noise, the prior at 2 sizes
+    for s in summary:
+        accs = [r["accuracy"] for r in rows if (r["model"], r["train_scenes"]) == (s["model"], s["train_scenes"])]
+        assert s["seeds"] == len(accs) == (1 if s["model"] == ablation.PRIOR else 2)
+        assert s["mean"] == pytest.approx(statistics.fmean(accs))
+        assert s["std"] == pytest.approx(statistics.stdev(accs) if len(accs) > 1 else 0.0)
     with Image.open(out / "ablation.png") as png:
         assert png.format == "PNG" and png.size[0] > 100

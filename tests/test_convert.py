@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaForMaskedLM
 
-from helpers.hub import DownloadError
+from common.hub import DownloadError
+from common.weights import read_state_dict
 from model import PrismerCaption
-from model.convert import read_state_dict
 from tests.conftest import random_experts, tiny_size
 
 WIDTH, RES = 64, 64

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_caption
+from helpers import distributed
 from helpers.config import load_config
 from model import PrismerCaption
 from tests.conftest import tiny_size
@@ -150,6 +151,8 @@ def test_two_processes_train_the_model_one_process_trains(recipe, single, kind, 
     log = launch(kind, 2, ROOT / "train_caption.py", *run_args(recipe, name, *two_process_sets(), *flags))
     assert "training on 2 process(es): global batch 4 (2 per process" in log
     run = recipe[1] / f"caption_{name}"
+    sharding = {"--shard_grad_op": "shard_grad_op", "--full_shard": "full_shard"}.get(next(iter(flags), ""), "none")
+    assert json.loads((run / "config.json").read_text())["sharding"] == sharding
 
     ref, curve = loss_curve(ref_run), loss_curve(run)
     assert len(curve) == len(ref) == 12  # 16 images, global batch 4, 3 epochs
@@ -171,6 +174,24 @@ def test_two_processes_train_the_model_one_process_trains(recipe, single, kind, 
     for folder in ("final", "best"):
         generated = PrismerCaption.from_pretrained(run / folder).eval().generate(experts, max_length=8, min_length=2)
         assert len(generated) == GLOBAL_BATCH and all(isinstance(c, str) and c for c in generated)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_precision_is_decided_once_and_the_decision_stands(monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    for requested, sharding, decided in [
+        ("auto", "none", "fp16" if gpu else "no"),
+        ("fp16", "none", "fp16" if gpu else "no"),  # fp16 needs a GPU
+        ("bf16", "full_shard", "bf16"),
+        ("no", "shard_grad_op", "no"),
+    ]:
+        assert distributed.resolve_precision(requested, sharding) == decided
+        assert distributed.resolve_precision(decided, sharding) == decided  # deciding again changes nothing
+    if gpu:
+        with pytest.raises(ValueError, match="bf16 or no, not fp16"):  # FSDP2 would need a sharded grad scaler
+            distributed.resolve_precision("auto", "full_shard")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        distributed.resolve_precision("fp8")
 
 
 def train_batches(recipe):

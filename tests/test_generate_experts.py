@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 import generate_experts
+from common.hub import DownloadError
 from dataset.datasets import make_reader
 from dataset.lists import ConfigError
-from experts import edge
-from experts.registry import generator_network
-from helpers.hub import DownloadError
+from experts import edge, generator_network
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"a.jpg": (48, 64, 32), "b.jpg": (40, 40, 10), "sub/c.jpg": (48, 64, 12)}  # height, width, blue from column

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.files import CheckpointError
+from common.weights import read_state_dict
 from dataset import SampleError, load_label_spaces, read_ocr_record
 from dataset.label_space import SPACES
 from experts import edge
 from helpers import checkpoint
-from helpers.files import CheckpointError
 from model import PrismerCaption, convert
 from model.tokenizer import load_tokenizer
 from tests.conftest import tiny_size
@@ -84,7 +85,7 @@ def test_official_checkpoint(tmp_path, kind):
     path = tmp_path / "pytorch_model.bin"
     marker = write_garbage(path, kind)
     with pytest.raises(CheckpointError, match="expected|not a weights-only torch checkpoint") as err:
-        convert.read_state_dict(path)
+        read_state_dict(path)
     check_message(err, path, marker)
 
 
@@ -93,7 +94,7 @@ def test_safetensors_weights(tmp_path, kind):
     path = tmp_path / "model.safetensors"
     write_garbage(path, kind)
     with pytest.raises(CheckpointError, match="not a safetensors file") as err:
-        convert.read_state_dict(tmp_path)
+        read_state_dict(tmp_path)
     check_message(err, path)
 
 
@@ -101,11 +102,11 @@ def test_official_checkpoint_of_something_else(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save([torch.ones(2)], path)
     with pytest.raises(CheckpointError, match="holds a list, expected a state dict of tensors") as err:
-        convert.read_state_dict(path)
+        read_state_dict(path)
     check_message(err, path)
     torch.save({"w": torch.ones(2), "step": [1, 2]}, path)
     with pytest.raises(CheckpointError, match="'step' is not a tensor, expected a state dict of tensors") as err:
-        convert.read_state_dict(path)
+        read_state_dict(path)
     check_message(err, path)
     torch.save({"some.weight": torch.ones(2)}, path)
     with pytest.raises(CheckpointError, match="expected a Prismer checkpoint") as err:

@@ -1,35 +1,123 @@
-"""The README's main job (`make quickstart`), end to end on a tiny world."""
+"""The README's main job (`make quickstart`), end to end on a tiny world: the
+table's rows are the model and its image-blind baselines, and each number is
+what its definition gives on the world's files, worked out again here."""
 
+import contextlib
 import html
+import io
 import json
 import re
+from collections import Counter
 
 import pytest
 
-from helpers import quickstart
+from helpers.metrics import coco_caption_scores, format_caption
+from sandbox import quickstart
+
+METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
 
 
-def test_main_job_generates_trains_scores_and_writes_samples(tmp_path, capsys):
-    root, out = tmp_path / "world", tmp_path / "out"
+def read(path):
+    return json.loads(path.read_text())
+
+
+def exact_accuracy(answer_for: dict, test: list[dict]) -> float:
+    """VQA accuracy where every test question carries ten equal answers (the
+    world's): 100 for that answer, else 0."""
+    return 100 * sum(answer_for[e["question_id"]] == e["answer"][0] for e in test) / len(test)
+
+
+def question_prior(train: list[dict], test: list[dict]) -> dict:
+    """question_id -> the most frequent training answer to its question text
+    (the most frequent training answer overall for a text never trained on)."""
+    overall = Counter(e["answer"][0] for e in train).most_common(1)[0][0]
+    by_text = {}
+    for e in train:
+        by_text.setdefault(e["question"], Counter())[e["answer"][0]] += 1
+    prior = {q: c.most_common(1)[0][0] for q, c in by_text.items()}
+    return {e["question_id"]: prior.get(e["question"], overall) for e in test}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """(table rows, the world's data folder, the output folder, what was printed)."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    root, out = tmp / "world", tmp / "out"
     argv = ["--root", str(root), "--output_dir", str(out), "--train_scenes", "16", "--test_scenes", "4"]
     argv += ["--set", "max_epoch=1", "--set", "num_workers=0"]
-    rows = quickstart.main(argv)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = quickstart.main(argv)
+    return rows, root / "data", out, printed.getvalue()
 
-    assert (root / "world.json").is_file()
-    models = {}
-    for task, model, metric, score in rows:
-        assert 0 <= score <= (1000 if metric == "CIDEr" else 100)
-        models.setdefault((task, metric), []).append(model)
-    assert set(models) == {("caption", m) for m in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")} | {("vqa", "accuracy")}
-    for names in models.values():
-        assert names[0] == "Prismer, all experts" and names[1].startswith("most frequent")
-    assert models["vqa", "accuracy"][2] == "most frequent answer to the same question"
 
+def test_the_table_is_the_model_beside_its_baselines(job):
+    rows, data, _, printed = job
+    caption = Counter(e["caption"] for e in read(data / "coco_karpathy_train.json")).most_common(1)[0][0]
+    answer = Counter(e["answer"][0] for e in read(data / "vqav2_train_val.json")).most_common(1)[0][0]
+    expected = [
+        ("caption", model, metric)
+        for metric in METRICS
+        for model in ("Prismer, all experts", f"most frequent caption ({caption!r})")
+    ]
+    expected += [
+        ("vqa", "Prismer, all experts", "accuracy"),
+        ("vqa", f"most frequent answer ({answer!r})", "accuracy"),
+        ("vqa", "most frequent answer to the same question", "accuracy"),
+    ]
+    assert [r[:3] for r in rows] == expected
+    assert "Results on the synthetic world's test split" in printed
+    for task, model, metric, value in rows:
+        assert re.search(rf"{task} +{re.escape(model)} +{metric} +{value:.1f}\n", printed), (model, metric)
+
+
+def test_the_model_rows_are_what_its_written_results_score(job):
+    rows, data, out, _ = job
+    score = {(task, model, metric): value for task, model, metric, value in rows}
+    results = read(out / "caption_world" / "caption_results_coco.json")
+    gt = read(data / "coco_karpathy_test_gt.json")
+    assert sorted(r["image_id"] for r in results) == sorted(im["id"] for im in gt["images"])  # each image once
+    scores = coco_caption_scores(results, data / "coco_karpathy_test_gt.json")
+    for metric in METRICS:
+        assert score["caption", "Prismer, all experts", metric] == pytest.approx(100 * scores[metric])
+
+    test = read(data / "vqav2_test.json")
+    submission = {r["question_id"]: r["answer"] for r in read(out / "vqa_world" / "vqa_submission.json")}
+    assert submission.keys() == {e["question_id"] for e in test}
+    assert set(submission.values()) <= set(read(data / "answer_list.json"))
+    assert score["vqa", "Prismer, all experts", "accuracy"] == pytest.approx(exact_accuracy(submission, test))
+
+
+def test_the_baselines_are_what_their_definitions_give(job):
+    rows, data, _, _ = job
+    score = {(task, model.split(" (")[0], metric): value for task, model, metric, value in rows}
+    train, test = read(data / "vqav2_train_val.json"), read(data / "vqav2_test.json")
+
+    # Every question answered with the most frequent training answer.
+    overall = Counter(e["answer"][0] for e in train).most_common(1)[0][0]
+    expected = exact_accuracy({e["question_id"]: overall for e in test}, test)
+    assert score["vqa", "most frequent answer", "accuracy"] == pytest.approx(expected)
+
+    expected = exact_accuracy(question_prior(train, test), test)
+    assert score["vqa", "most frequent answer to the same question", "accuracy"] == pytest.approx(expected)
+
+    # The most frequent training caption given to every test image, scored by the COCO toolkit.
+    caption = Counter(e["caption"] for e in read(data / "coco_karpathy_train.json")).most_common(1)[0][0]
+    images = read(data / "coco_karpathy_test_gt.json")["images"]
+    same = [{"image_id": im["id"], "caption": format_caption(caption)} for im in images]
+    scores = coco_caption_scores(same, data / "coco_karpathy_test_gt.json")
+    for metric in METRICS:
+        assert score["caption", "most frequent caption", metric] == pytest.approx(100 * scores[metric])
+
+
+def test_samples_page_shows_every_test_image_beside_its_caption(job):
+    _, _, out, _ = job
     page = out / "caption_world" / "samples.html"
-    sources = re.findall(r'<img src="([^"]+)"', page.read_text())
-    assert len(sources) == 4  # every test image, each beside its caption
+    text = page.read_text()
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 4
     assert all((page.parent / html.unescape(s)).is_file() for s in sources)
-    assert "Results on the synthetic world's test split" in capsys.readouterr().out
+    assert all(html.escape(r["caption"]) in text for r in read(out / "caption_world" / "caption_results_coco.json"))
 
 
 def test_question_prior_answers_each_question_with_its_most_frequent_training_answer(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 
 import download_checkpoints
-from helpers.hub import DownloadError
+from common.hub import DownloadError
 
 
 def test_download_rejects_unknown_names():

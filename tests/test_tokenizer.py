@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers.hub import DownloadError
+from common.hub import DownloadError
 from model.tokenizer import load_tokenizer
 
 

@@ -192,6 +192,38 @@ def test_loss_falls_on_a_fixed_batch(recipe):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_python_api_trains_the_same_weights_as_the_command_line(recipe):
+    """`run(task, cfg, options)` (what the sandbox calls) and `main(argv)` are one run:
+    a recipe, keys set from Python and the same seed give the same weights."""
+    from helpers.config import load_config
+    from helpers.engine import RunOptions, run
+    from helpers.tasks import CAPTION
+
+    train_caption.main(args(recipe, "--exp_name", "cli", "--set", "keep_last=1", "--seed", "3"))
+    cfg = load_config(recipe[0], values={"keep_last": 1, "seed": 3})
+    run(CAPTION, cfg, RunOptions(exp_name="api"))
+    cli, api = (load_file(recipe[1] / f"caption_{name}" / "final" / "model.safetensors") for name in ("cli", "api"))
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
+    recorded = [json.loads((recipe[1] / f"caption_{name}" / "config.json").read_text()) for name in ("cli", "api")]
+    assert recorded[0] == recorded[1]
+
+
+def test_precision_and_sharding_are_recorded_in_the_run_config(recipe):
+    """The run's config.json says what precision ran (auto and fp16 are full
+    precision without a GPU) and how the model was sharded; the flags set the keys."""
+    common = ["--set", "max_train_steps=1"]
+    for exp, flags, precision in (("auto", [], "no"), ("fp16", ["--mixed_precision", "fp16"], "no")):
+        train_caption.main(args(recipe, "--exp_name", exp, *common, *flags))
+        recorded = json.loads((recipe[1] / f"caption_{exp}" / "config.json").read_text())
+        assert (recorded["mixed_precision"], recorded["sharding"]) == (precision, "none")
+    with pytest.raises(SystemExit):
+        train_caption.main(args(recipe, "--shard_grad_op", "--full_shard"))
+    with pytest.raises(ValueError, match="sharding must be one of"):
+        train_caption.main(args(recipe, "--set", "sharding=zero3"))
+    with pytest.raises(ValueError, match="quote it"):
+        train_caption.main(args(recipe, "--set", "mixed_precision=no"))
+
+
 def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(recipe):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train_caption.main(args(recipe, "--exp_name", "r", "--from_checkpoint"))

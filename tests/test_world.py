@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import train_caption
 from dataset import create_dataset
-from dataset.world import (
+from helpers.engine import RunOptions, run
+from helpers.tasks import CAPTION
+from sandbox.quickstart import vqa_baseline, world_config
+from sandbox.world import (
     CHUNK,
     DET_CLASSES,
     SEG_CLASSES,
@@ -28,7 +30,6 @@ from dataset.world import (
     make_scene,
     name_feature,
 )
-from helpers.quickstart import RECIPES, vqa_baseline, world_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["depth", "normal", "edge", "seg_coco", "seg_ade", "obj_detection", "ocr_detection"]
@@ -88,7 +89,7 @@ def test_interrupted_generation_resumes_without_duplicates_or_corruption(tmp_pat
     root = tmp_path / "killed"
     args = [f"--set={k}={v}" for k, v in values.items()]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataset.world", "--root", str(root), "--workers", "1", *args],
+        [sys.executable, "-m", "sandbox.world", "--root", str(root), "--workers", "1", *args],
         cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
@@ -204,19 +205,17 @@ def test_most_frequent_answer_baseline(world):
 
 
 def test_short_caption_run_through_the_engine_lowers_the_loss(world, tmp_path):
-    """The world recipe through train_caption.main; scoring is skipped (no ground-truth file) to stay fast."""
-    common = ["--config", str(ROOT / RECIPES["caption"]), "--target_dataset", "", *world_overrides(world)]
-    for kv in (
-        f"output_dir={tmp_path}",
-        "experts=[seg_coco,ocr_detection]",
-        f"gt_file={tmp_path / 'none.json'}",
-        "num_workers=0",
-        "max_length=8",
-        "min_length=2",
-        "warmup_steps=0",
-    ):
-        common += ["--set", kv]
-    first = train_caption.main([*common, "--exp_name", "first", "--set", "max_train_steps=1"])
-    trained = train_caption.main([*common, "--exp_name", "trained", "--set", "max_epoch=3"])
+    """The world recipe through the engine; scoring is skipped (no ground-truth file) to stay fast."""
+    values = {
+        "output_dir": str(tmp_path),
+        "experts": ["seg_coco", "ocr_detection"],
+        "gt_file": str(tmp_path / "none.json"),
+        "num_workers": 0,
+        "max_length": 8,
+        "min_length": 2,
+        "warmup_steps": 0,
+    }
+    first = run(CAPTION, world_config("caption", world, values | {"max_train_steps": 1}), RunOptions("first"))
+    trained = run(CAPTION, world_config("caption", world, values | {"max_epoch": 3}), RunOptions("trained"))
     assert trained["train/loss_epoch"] < 0.8 * first["train/loss_epoch"]
     assert (tmp_path / "caption_trained" / "caption_results_coco.json").exists()

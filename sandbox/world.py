@@ -45,10 +45,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from common.files import atomic_write
 from dataset.files import write_ocr_record
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
-from helpers.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def write_label_spaces(folder: Path) -> None:
     names = {"coco": list(SEG_CLASSES), "ade": list(SEG_CLASSES), "detection": list(DET_CLASSES)}
     tensors = {f"{s}.features": torch.from_numpy(np.stack([name_feature(n) for n in v])) for s, v in names.items()}
     tensors["background.features"] = torch.from_numpy(name_feature("<background>"))[None]
-    meta = {"features": "sha256-hashed names (dataset.world.name_feature), not CLIP"}
+    meta = {"features": "sha256-hashed names (sandbox.world.name_feature), not CLIP"}
     atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     _atomic_bytes(folder / "label_names.json", json.dumps(names, indent=1).encode())
 

@@ -6,12 +6,13 @@ single-expert models trained on the first N training scenes for several N.
 corrupted version of themselves (each image given another image's label),
 against clean Prismer at the same N.
 
-Every run goes through the real paths: `dataset.world.generate`, the recipe
-`configs/world_vqa.yaml` with `--set` overrides, `train_vqa.main` and its
-evaluation. The metric is VQA accuracy (percent, the engine's `eval/accuracy`):
-ranking a short answer list is cheap (no beam search, no pycocoevalcap), and the
-world's questions (colour, shape, count, which is closer) ask for exactly what
-the experts encode, while the README found world captions barely image-dependent.
+Every run goes through the real paths: `sandbox.world.generate`, the recipe
+`configs/world_vqa.yaml` with the run's keys set, the engine's `run` (what
+train_vqa.py runs) and its evaluation. The metric is VQA accuracy (percent,
+the engine's `eval/accuracy`): ranking a short answer list is cheap (no beam
+search, no pycocoevalcap), and the world's questions (colour, shape, count,
+which is closer) ask for exactly what the experts encode, while the README
+found world captions barely image-dependent.
 
 One world is generated with the largest N; a size-N run trains on a copy of the
 VQA training list keeping the first N scenes' questions (images linked, not
@@ -38,11 +39,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataset.world import WorldConfig, generate, image_name
-from experts.registry import EXPERTS
+from common.modalities import EXPERTS
 from helpers import checkpoint
 from helpers.config import load_config
-from helpers.quickstart import vqa_question_prior, world_overrides
+from helpers.engine import RunOptions, run
+from helpers.tasks import VQA
+from sandbox.quickstart import RECIPES, vqa_question_prior, world_config
+from sandbox.world import WorldConfig, generate, image_name
 
 log = logging.getLogger("ablation")
 
@@ -56,7 +59,6 @@ MODELS = {
 }
 PRIOR = "question prior (no image)"  # most frequent training answer to the same question
 CORRUPTIONS = ("noise", "shuffle")
-RECIPE = "configs/world_vqa.yaml"
 # Sized by measurement on an idle 2-core CPU: a step of 16 costs ~0.36 s with
 # all six experts (~0.12 s RGB only) and a final evaluation of 100 test scenes
 # ~17 s. Default steps: one pass over the 576 scenes' questions (two over --fast's 96).
@@ -157,22 +159,10 @@ def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 
     return out
 
 
-def train_eval(
-    world: Path, data: Path, labels: Path, experts: list[str], seed: int, out: Path, extra: list[str]
-) -> dict:
-    """One real `train_vqa.main` run; returns its metrics dict."""
-    import train_vqa
-
-    keys = {
-        "experts": f"[{','.join(experts)}]",
-        "seed": seed,
-        "output_dir": out,
-        "data_path": data,
-        "label_path": labels,
-    }
-    sets = [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
-    args = ["--config", RECIPE, "--exp_name", "run", *world_overrides(world), *sets, *extra]
-    return train_vqa.main(args)
+def train_eval(world: Path, values: dict, overrides: list[str]) -> dict:
+    """One real VQA run of the engine: the world recipe with `values` set, then
+    the command line's `--set` overrides; returns its metrics dict."""
+    return run(VQA, world_config("vqa", world, values, overrides), RunOptions(exp_name="run"))
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world = generate(cfg, root)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    batch = load_config(RECIPE, None, args.set).batch_size_train  # also rejects a bad --set now
+    batch = load_config(RECIPES["vqa"], None, args.set).batch_size_train  # also rejects a bad --set now
 
     jobs = [("data", m, MODELS[m], None, n) for n in args.sizes for m in args.models]
     if corruptions and ("Prismer" not in args.models or args.robust_size not in args.sizes):
@@ -321,15 +311,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
         data, questions = subsets[n]
         epochs = epochs_for(args.steps, questions, batch)
-        schedule = [f"max_epoch={epochs}", "schedule=cosine_step", "eval_every_epochs=0"]
-        extra = [a for kv in [*schedule, *args.set] for a in ("--set", kv)]
         labels = world / "labels"
         if corruption is not None:
             labels = corrupt_labels(labels, *corruption, out / "labels" / "_".join(corruption))
+        point = {"experts": experts, "data_path": str(data), "label_path": str(labels)}
+        point |= {"max_epoch": epochs, "schedule": "cosine_step", "eval_every_epochs": 0}
         for seed in range(args.seeds):
             t = time.perf_counter()
             run_dir = out / "runs" / f"{experiment}_{model}_{n}_{seed}".replace(", ", "_").replace(" ", "_")
-            metrics = train_eval(world, data, labels, experts, seed, run_dir, extra)
+            metrics = train_eval(world, point | {"seed": seed, "output_dir": str(run_dir)}, args.set)
             rows.append(
                 {
                     "experiment": experiment,

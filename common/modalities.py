@@ -2,7 +2,8 @@
 
 The encoder builds its stems from it, the datasets read and paint labels by
 it, and `generate_experts.py` writes labels by it, so a name means the same
-thing everywhere.
+thing everywhere. It lives on the ground floor because model, dataset and
+experts all read it and none of them may import another.
 """
 
 from __future__ import annotations
@@ -74,16 +75,6 @@ PRISMER_EXPERTS = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_
 def label_networks() -> list[str]:
     """Experts whose labels `generate_experts.py` can make."""
     return [e.name for e in EXPERTS.values() if e.network]
-
-
-def generator_network(name: str):
-    """The label-generating module of expert `name` (imported on demand: networks are heavy)."""
-    import importlib
-
-    expert = EXPERTS[name]
-    if expert.network is None:
-        raise NotImplementedError(f"no label network for {name!r} yet; implemented: {', '.join(label_networks())}")
-    return importlib.import_module(f"experts.{expert.network}")
 
 
 def parse_experts(names) -> list[str]:

@@ -1,8 +1,8 @@
 """The main job (`make quickstart`): the synthetic world end to end on a laptop.
 
-Generates the world if missing (`dataset.world`), trains a small Prismer with
-every expert from random init through the real `train_caption.main` and
-`train_vqa.main` with the world recipes in `configs/`, scores it with the
+Generates the world if missing (`sandbox.world`), trains a small Prismer with
+every expert from random init through the engine the scripts run
+(`helpers.engine.run`) with the world recipes in `configs/`, scores it with the
 engine's evaluation (COCO caption metrics, VQA accuracy), writes sample
 captions beside their images (an HTML page), and prints a results table
 against baselines that ignore the image (the most frequent training caption
@@ -19,26 +19,33 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from dataset.world import WorldConfig, generate
+from helpers.config import RunConfig, load_config
+from helpers.engine import RunOptions, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
+from helpers.tasks import CAPTION, VQA
+from sandbox.world import WorldConfig, generate
 
 log = logging.getLogger("quickstart")
 # Sized so both tasks train and evaluate in about ten minutes on 2 CPU cores.
 WORLD = WorldConfig(train_scenes=600, test_scenes=100)
-RECIPES = {"caption": "configs/world_caption.yaml", "vqa": "configs/world_vqa.yaml"}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = {"caption": CONFIGS / "world_caption.yaml", "vqa": CONFIGS / "world_vqa.yaml"}
 
 
-def world_overrides(root: Path) -> list[str]:
-    """`--set` arguments pointing a world recipe at the world under `root`."""
-    keys = {
-        "data_path": root / "data",
-        "label_path": root / "labels",
-        "label_space_path": root / "label_spaces",
-        "tokenizer": root / "tokenizer",
+def world_config(task: str, root: Path, values: Mapping[str, Any] | None = None, overrides=()) -> RunConfig:
+    """The world recipe of `task` pointed at the world under `root`, then `values`,
+    then a command line's `--set` overrides."""
+    paths = {
+        "data_path": str(root / "data"),
+        "label_path": str(root / "labels"),
+        "label_space_path": str(root / "label_spaces"),
+        "tokenizer": str(root / "tokenizer"),
     }
-    return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
+    return load_config(RECIPES[task], None, overrides, paths | dict(values or {}))
 
 
 def caption_baseline(data_path: Path) -> tuple[str, dict]:
@@ -110,20 +117,6 @@ def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:
     return page
 
 
-def run_caption(root: Path, exp_name: str, extra: list[str]) -> dict:
-    import train_caption
-
-    args = ["--config", RECIPES["caption"], "--target_dataset", "", "--exp_name", exp_name]
-    return train_caption.main(args + world_overrides(root) + extra)
-
-
-def run_vqa(root: Path, exp_name: str, extra: list[str]) -> dict:
-    import train_vqa
-
-    args = ["--config", RECIPES["vqa"], "--exp_name", exp_name]
-    return train_vqa.main(args + world_overrides(root) + extra)
-
-
 def main(argv: list[str] | None = None) -> list[tuple]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/world", help="where the world is (generated if missing)")
@@ -140,10 +133,10 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     world = dataclasses.replace(WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes)
     root = generate(world, args.root)
     data = root / "data"
-    extra = [a for kv in [f"output_dir={args.output_dir}", *args.set] for a in ("--set", kv)]
+    values, options = {"output_dir": args.output_dir}, RunOptions(exp_name="world")
     rows = []
     if args.task in ("caption", "both"):
-        metrics = run_caption(root, "world", extra)
+        metrics = run(CAPTION, world_config("caption", root, values, args.set), options)
         page = write_samples(Path(args.output_dir) / "caption_world", data)
         log.info("sample captions beside their images: %s", page)
         caption, base = caption_baseline(data)
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             rows.append(("caption", "Prismer, all experts", key, 100 * metrics[f"eval/{key}"]))
             rows.append(("caption", f"most frequent caption ({caption!r})", key, 100 * base[key]))
     if args.task in ("vqa", "both"):
-        metrics = run_vqa(root, "world", extra)
+        metrics = run(VQA, world_config("vqa", root, values, args.set), options)
         answer, base = vqa_baseline(data)
         rows.append(("vqa", "Prismer, all experts", "accuracy", metrics["eval/accuracy"]))
         rows.append(("vqa", f"most frequent answer ({answer!r})", "accuracy", base))
