@@ -41,9 +41,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.modalities import PRISMER_EXPERTS  # noqa: E402
+from common.labels import Instances, Words, label_file  # noqa: E402
+from common.modalities import EXPERTS, PRISMER_EXPERTS  # noqa: E402
 from dataset import create_dataset, paint  # noqa: E402
-from dataset.files import write_ocr_record  # noqa: E402
 
 
 def build(root: Path, n: int) -> dict:
@@ -59,27 +59,22 @@ def build(root: Path, n: int) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(path, quality=90)
         entries.append({"image": name, "caption": "a benchmark image with some words in its caption"})
-        stem = f"train2014/{i:06d}"
         blocks = (yy // 60 * 11 + xx // 80).astype(np.uint8)
+        labels = {
+            "depth": Image.fromarray((yy * 255 // 480).astype(np.uint8)),
+            "edge": Image.fromarray((yy * 255 // 480).astype(np.uint8)),
+            "normal": Image.fromarray(np.stack([(xx % 256), (yy % 256), np.full_like(xx, 128)], -1).astype(np.uint8)),
+            "seg_coco": (blocks % 133).astype(np.uint8),
+            "obj_detection": Instances(
+                np.where(blocks % 5 == 0, blocks % 20, 255).astype(np.uint8), {k: k * 7 for k in range(20)}
+            ),
+            "ocr_detection": Words(
+                np.where(blocks % 9 == 0, blocks % 4, 255).astype(np.uint8),
+                {k: {"text": f"w{k}", "features": torch.randn(64)} for k in range(4)},
+            ),
+        }
         for expert in PRISMER_EXPERTS:
-            out = root / "labels" / expert / "vqav2" / f"{stem}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if expert in ("depth", "edge"):
-                Image.fromarray((yy * 255 // 480).astype(np.uint8)).save(out)
-            elif expert == "normal":
-                normal = np.stack([(xx % 256), (yy % 256), np.full_like(xx, 128)], -1).astype(np.uint8)
-                Image.fromarray(normal).save(out)
-            elif expert == "seg_coco":
-                Image.fromarray(blocks % 133).save(out)
-            elif expert == "obj_detection":
-                ids = np.where(blocks % 5 == 0, blocks % 20, 255).astype(np.uint8)
-                Image.fromarray(ids).save(out)
-                out.with_suffix(".json").write_text(json.dumps({str(k): k * 7 for k in range(20)}))
-            else:
-                ids = np.where(blocks % 9 == 0, blocks % 4, 255).astype(np.uint8)
-                Image.fromarray(ids).save(out)
-                words = {k: {"text": f"w{k}", "features": torch.randn(64)} for k in range(4)}
-                write_ocr_record(out.with_suffix(".json"), words)
+            EXPERTS[expert].kind.write(label_file(root / "labels", expert, "vqav2", name), labels[expert])
     (root / "data" / "coco_karpathy_train.json").write_text(json.dumps(entries))
     (root / "data" / "coco_karpathy_test.json").write_text(json.dumps(entries[:1]))
     return {

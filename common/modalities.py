@@ -2,13 +2,16 @@
 
 The encoder builds its stems from it, the datasets read and paint labels by
 it, and `generate_experts.py` writes labels by it, so a name means the same
-thing everywhere. It lives on the ground floor because model, dataset and
+thing everywhere. Each row names its label kind (common/labels), which owns
+everything about the label files. It lives on the ground floor because model, dataset and
 experts all read it and none of them may import another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from common.labels import CLASS_MAP, DENSE, INSTANCE, OCR, LabelKind
 
 
 @dataclass(frozen=True)
@@ -18,53 +21,28 @@ class Expert:
     channels: int
     # Key of the encoder stem; every segmentation expert shares `seg`.
     stem: str
-    # How the label file is read and turned into model input:
-    #   dense     8-bit grey/RGB PNG, rescaled per image to [-1, 1]
-    #   class_map grey PNG of class ids (255 = none), painted with a label space
-    #   instance  grey PNG of instance ids + JSON instance -> class id
-    #   ocr       grey PNG of word ids + per-image word records (text, 64-d feature)
-    kind: str
+    # What its label files are and how they become model input (common/labels);
+    # None for the RGB image itself.
+    kind: LabelKind | None
     # Label space the ids index into (`label_spaces/` features), if any.
     label_space: str | None = None
-    # The network that generates the labels: its module under experts/ (with
-    # load, preprocess, to_label) and the official weight file in the hub repo.
+    # The network that generates the labels: its module under experts/ (a
+    # LabelNetwork named Generator) and the official weight file in the hub repo.
     network: str | None = None
     weights: str | None = None
-
-    @property
-    def upsample(self) -> int:
-        """Stem upsampling numerator: labels arrive at 224 px; dense maps go
-        through four stride-2 convs (x16), 64-channel maps through two (x4)."""
-        return 16 if self.kind == "dense" else 4
-
-    @property
-    def fill(self) -> int:
-        """Label value for pixels an augmentation moves in from outside the
-        image, and for a missing label file: dense maps are 0, id maps 255 (none)."""
-        return 0 if self.kind == "dense" else 255
-
-    @property
-    def label_mode(self) -> str:
-        """PIL mode of the label PNG: normals are RGB, everything else one grey channel."""
-        return "RGB" if self.channels == 3 else "L"
-
-    @property
-    def painted(self) -> bool:
-        """True when the label file holds ids that become 64-d label-space features."""
-        return self.kind in ("class_map", "instance", "ocr")
 
 
 EXPERTS: dict[str, Expert] = {
     e.name: e
     for e in (
-        Expert("rgb", 3, "rgb", "rgb"),
-        Expert("depth", 1, "depth", "dense"),
-        Expert("normal", 3, "normal", "dense"),
-        Expert("edge", 1, "edge", "dense", network="edge", weights="expert_weights/10_model.pth"),
-        Expert("seg_coco", 64, "seg", "class_map", "coco"),
-        Expert("seg_ade", 64, "seg", "class_map", "ade"),
-        Expert("obj_detection", 64, "obj_detection", "instance", "detection"),
-        Expert("ocr_detection", 64, "ocr_detection", "ocr"),
+        Expert("rgb", 3, "rgb", None),
+        Expert("depth", 1, "depth", DENSE),
+        Expert("normal", 3, "normal", DENSE),
+        Expert("edge", 1, "edge", DENSE, network="edge", weights="expert_weights/10_model.pth"),
+        Expert("seg_coco", 64, "seg", CLASS_MAP, "coco"),
+        Expert("seg_ade", 64, "seg", CLASS_MAP, "ade"),
+        Expert("obj_detection", 64, "obj_detection", INSTANCE, "detection"),
+        Expert("ocr_detection", 64, "ocr_detection", OCR),
     )
 }
 

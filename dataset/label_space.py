@@ -23,7 +23,6 @@ from common.files import CheckpointError, load_safetensors, load_torch
 
 SPACES = ("coco", "ade", "detection")
 FEATURE_DIM = 64
-NONE_ID = 255
 SAFETENSORS_NAME = "label_features.safetensors"
 # The official label spaces, shipped with the package (converted from the official
 # repo's dataset/*_features.pt) so a config without `label_space_path` paints real CLIP features.
@@ -36,17 +35,13 @@ class LabelSpaces:
 
     tables: dict[str, torch.Tensor]
     background: torch.Tensor
+    # Per space a (256, 64) table indexed directly by an 8-bit label value: class
+    # ids take their class feature, 255 (and, after validation never used, the
+    # other values above the class count) take the background row.
+    id_tables: dict[str, torch.Tensor]
 
     def num_classes(self, space: str) -> int:
         return self.tables[space].shape[0] - 1
-
-    def id_table(self, space: str) -> torch.Tensor:
-        """(256, 64) table indexed directly by an 8-bit label value: class ids
-        take their class feature, 255 (and, after validation never used, the
-        other values above the class count) take the background row."""
-        table = self.tables[space]
-        rows = torch.arange(256).clamp(max=table.shape[0] - 1)
-        return table[rows]
 
 
 OFFICIAL = "an official label-space file of tensors"
@@ -70,7 +65,8 @@ def _background(x, source: Path) -> torch.Tensor:
 
 def _tables(features: dict[str, torch.Tensor], background: torch.Tensor) -> LabelSpaces:
     tables = {s: torch.cat([features[s], background[None]]) for s in SPACES}
-    return LabelSpaces(tables=tables, background=background)
+    id_tables = {s: t[torch.arange(256).clamp(max=t.shape[0] - 1)] for s, t in tables.items()}
+    return LabelSpaces(tables=tables, background=background, id_tables=id_tables)
 
 
 def _load_safetensors(path: Path) -> LabelSpaces:

@@ -16,23 +16,14 @@ from __future__ import annotations
 import logging
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.labels import label_file
 from common.modalities import EXPERTS, parse_experts
-from dataset.files import (
-    SampleError,
-    check_ids,
-    label_file,
-    read_dense,
-    read_ids,
-    read_image,
-    read_json,
-    read_ocr_record,
-)
-from dataset.label_space import NONE_ID, LabelSpaces
+from dataset.files import read_image
+from dataset.label_space import LabelSpaces
 from dataset.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -49,10 +40,8 @@ class ExpertReader:
         self.experts = parse_experts(experts)
         self.spaces = spaces
         self.transform = transform
-        if any(EXPERTS[e].painted for e in self.experts) and spaces is None:
+        if any(EXPERTS[e].kind.painted for e in self.experts) and spaces is None:
             raise ValueError(f"experts {self.experts} need label-space features")
-        self._id_tables = {s: spaces.id_table(s) for s in spaces.tables} if spaces is not None else {}
-        self._background = spaces.background if spaces is not None else None
         # Experts already reported as lacking a label file (once per process:
         # many absences usually mean a wrong `label_path`).
         self._reported_absent: set[str] = set()
@@ -78,75 +67,23 @@ class ExpertReader:
     def _read_label(self, name: str, dataset: str, image_name: str, size):
         expert = EXPERTS[name]
         path = label_file(self.label_path, name, dataset, image_name)
-        if not expert.painted:
-            label = read_dense(path, expert.label_mode, size)
-            if label is None:
-                self._report_absent(name, path)
-                label = Image.new(expert.label_mode, size, (0,) * 3 if expert.label_mode == "RGB" else 0)
-            return label, None
-        ids = read_ids(path, size)
-        if ids is None:
+        label, table = expert.kind.read(path, size, expert, self.spaces)
+        if label is None:
             self._report_absent(name, path)
-            ids = np.full((size[1], size[0]), NONE_ID, np.uint8)
-        if expert.kind == "class_map":
-            check_ids(ids, self.spaces.num_classes(expert.label_space), path)
-            table = self._id_tables[expert.label_space]
-        elif expert.kind == "instance":
-            table = self._instance_table(ids, path)
-        else:
-            table, ids = self._ocr_table(ids, path)
-        return Image.fromarray(ids, "L"), table
+            label, table = expert.kind.empty(size, expert, self.spaces)
+        return label, table
 
     def _report_absent(self, name: str, path) -> None:
         if name not in self._reported_absent:
             self._reported_absent.add(name)
             logger.info("%s: label missing or empty, read as 'the expert found nothing' (reported once)", path)
 
-    def _present(self, ids: np.ndarray) -> list[int]:
-        counts = np.bincount(ids.ravel(), minlength=256)
-        return [int(i) for i in np.flatnonzero(counts[:NONE_ID])]
-
-    def _instance_table(self, ids: np.ndarray, path) -> torch.Tensor:
-        """Detection: instance id -> class (JSON) -> class feature. JSON entries
-        for instances absent from the PNG are ignored; a PNG instance the JSON
-        does not name, or a class outside the space, makes the sample unusable."""
-        present = self._present(ids)
-        json_path = path.with_suffix(".json")
-        classes = (read_json(json_path) or {}) if present else {}
-        if not isinstance(classes, dict):
-            raise SampleError(f"{json_path}: expected an object of instance id -> class id")
-        table = self.spaces.tables["detection"]
-        num_classes = table.shape[0] - 1
-        rows = torch.full((256,), num_classes, dtype=torch.long)
-        for inst in present:
-            cls = classes.get(str(inst))
-            if cls is None:
-                raise SampleError(f"{path}: instance {inst} has no class in {json_path}")
-            if not isinstance(cls, int) or not 0 <= cls < num_classes:
-                raise SampleError(
-                    f"{json_path}: instance {inst} has class {cls!r}, outside the {num_classes}-class detection space"
-                )
-            rows[inst] = cls
-        return table[rows]
-
-    def _ocr_table(self, ids: np.ndarray, path):
-        """OCR: word id -> that image's word feature. No word record means no
-        words were found: the map is all background (as officially)."""
-        record = read_ocr_record(path)
-        table = self._background.expand(256, -1).clone()
-        if record is None:
-            return table, np.full_like(ids, NONE_ID)
-        for word in self._present(ids):
-            if word not in record:
-                raise SampleError(f"{path}: word {word} has no record next to it")
-            table[word] = record[word]["features"]
-        return table, ids
-
 
 def paint(experts: dict) -> dict:
     """Replace every compact painted expert {"ids" (B,1,H,W) uint8, "table"
     (B,256,64)} by its (B, 64, H, W) feature map: one gather over the batch's
-    stacked tables. `obj_detection` becomes {"label", "instance" (long)}.
+    stacked tables; the expert's label kind says what the encoder receives
+    (instance maps: {"label", "instance" (long)}).
     The result is in channels_last memory layout (the gather's natural order)."""
     out = {}
     for name, x in experts.items():
@@ -158,10 +95,7 @@ def paint(experts: dict) -> dict:
         offset_B = torch.arange(B, device=ids_B1HW.device) * R
         rows_BHW = ids_B1HW[:, 0].long() + offset_B.view(B, 1, 1)
         label_BDHW = F.embedding(rows_BHW, table_BRD.reshape(B * R, D)).permute(0, 3, 1, 2)
-        if EXPERTS[name].kind == "instance":
-            out[name] = {"label": label_BDHW, "instance": ids_B1HW.long()}
-        else:
-            out[name] = label_BDHW
+        out[name] = EXPERTS[name].kind.model_input(label_BDHW, ids_B1HW)
     return out
 
 

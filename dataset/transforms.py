@@ -22,7 +22,6 @@ LABEL_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RGB_FILL = (0, 0, 0)
-_EPS = 1e-6
 
 
 def crop_params(width: int, height: int, scale, rng: random.Random, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -92,7 +91,7 @@ def _photometric(img: Image.Image, op: str, v: float) -> Image.Image:
 
 
 def _label_fill(name: str, img: Image.Image):
-    fill = EXPERTS[name].fill
+    fill = EXPERTS[name].kind.fill
     return (fill,) * 3 if img.mode == "RGB" else fill
 
 
@@ -122,17 +121,6 @@ def rgb_tensor(image: Image.Image) -> torch.Tensor:
     out = torch.empty(x_CHW.shape, dtype=torch.float32)
     out.copy_(x_CHW)
     return out.mul_(_RGB_SCALE).sub_(_RGB_SHIFT)
-
-
-def dense_tensor(label: Image.Image) -> torch.Tensor:
-    """8-bit depth/normal/edge -> (C, 224, 224) rescaled per image to [-1, 1]
-    (a constant map, e.g. a missing label, becomes all -1, as officially)."""
-    x = torch.from_numpy(np.array(label, dtype=np.uint8))
-    x_CHW = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    out = torch.empty(x_CHW.shape, dtype=torch.float32)
-    out.copy_(x_CHW).div_(255)
-    lo, hi = out.min(), out.max()
-    return out.sub_(lo).mul_(2 / (hi - lo + _EPS)).sub_(1)
 
 
 class Transform:
@@ -167,8 +155,5 @@ class Transform:
             image, labels = rand_augment(image, labels, rng)
         out = {"rgb": rgb_tensor(image)}
         for name, x in labels.items():
-            if EXPERTS[name].painted:
-                out[name] = torch.from_numpy(np.asarray(x, dtype=np.uint8).copy())[None]
-            else:
-                out[name] = dense_tensor(x)
+            out[name] = EXPERTS[name].kind.to_tensor(x)
         return out

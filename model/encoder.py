@@ -74,10 +74,10 @@ class ExpertEncoder(nn.Module):
         for name in self.experts:
             e = EXPERTS[name]
             if e.stem not in self.conv1:
-                self.conv1[e.stem] = expert_stem(e.channels, width, patch_size, e.upsample)
+                self.conv1[e.stem] = expert_stem(e.channels, width, patch_size, e.kind.stem_upsample)
         scale = width**-0.5
         self.positional_embedding = nn.Parameter(scale * torch.randn((image_resolution // patch_size) ** 2, width))
-        if "obj_detection" in self.experts:
+        if any(EXPERTS[name].kind.instances for name in self.experts):
             self.instance_embedding = nn.Parameter(scale * torch.randn(NUM_INSTANCE_ROWS, width))
         self.transformer = Transformer(width, layers, width // 64 if width >= 64 else 1, act)
         if self.experts:
@@ -87,7 +87,8 @@ class ExpertEncoder(nn.Module):
 
     def forward(self, experts: dict) -> torch.Tensor:
         """experts: `rgb` (B, 3, H, W) and each expert's map (B, C, 224, 224);
-        `obj_detection` is {label: (B, 64, h, w), instance: (B, 1, h, w) ids, 255 = none}.
+        an instance map (`obj_detection`) is {label: (B, 64, h, w), instance: (B, 1, h, w)
+        ids, 255 = none}, as its label kind's `model_input` makes it.
         Returns the tokens (B, rgb tokens + 64 latents, D)."""
         if "rgb" not in experts:
             raise KeyError("expert inputs need an 'rgb' image tensor")
@@ -104,9 +105,8 @@ class ExpertEncoder(nn.Module):
         tokens = []
         for name in self.experts:
             e = EXPERTS[name]
-            label = experts[name]["label"] if e.kind == "instance" else experts[name]
-            x_BDhw = self.conv1[e.stem](label)
-            if e.kind == "instance":
+            x_BDhw = self.conv1[e.stem](e.kind.stem_input(experts[name]))
+            if e.kind.instances:
                 x_BDhw = x_BDhw + self._instance_embedding(experts[name]["instance"], x_BDhw.shape[2:]).to(x_BDhw.dtype)
             x_BND = x_BDhw.flatten(2).transpose(1, 2)
             tokens.append(x_BND + resize_pos_embed(pos_ND, x_BND.shape[1]))

@@ -122,8 +122,8 @@ def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 
     if mode not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {mode!r}; known: {CORRUPTIONS}")
     spec = EXPERTS[expert]
-    if mode == "noise" and spec.kind not in ("dense", "class_map"):
-        raise ValueError(f"noise is defined for dense and class-map experts, not {expert} ({spec.kind})")
+    if mode == "noise" and spec.kind.noise is None:
+        raise ValueError(f"noise is not defined for {expert} ({spec.kind.name} labels)")
     out.mkdir(parents=True, exist_ok=True)
     for child in labels.iterdir():
         if child.name != expert:
@@ -136,26 +136,20 @@ def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 
     if mode == "shuffle":
         order = rng.permutation(len(pngs))
         donors = {pngs[order[i]]: pngs[order[(i + 1) % len(pngs)]] for i in range(len(pngs))}  # a derangement
-    elif spec.kind == "class_map":
+    num_classes = None
+    if mode == "noise" and spec.label_space is not None:
         names = json.loads((labels.parent / "label_spaces" / "label_names.json").read_text())
         num_classes = len(names[spec.label_space])
     for png in tqdm(pngs, desc=f"{expert}: {mode}", unit="label"):
         dst = target / png.relative_to(labels / expert)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if mode == "shuffle":
-            donor = donors[png]
-            for f in donor.parent.glob(donor.stem + ".*"):  # the PNG and its sidecars (classes, words)
+            for f in spec.kind.files(donors[png]):  # the PNG and its sidecars (classes, words)
                 shutil.copyfile(f, dst.with_suffix(f.suffix))
             continue
         with Image.open(png) as img:
-            size, img_mode = img.size, img.mode
-        if spec.kind == "class_map":
-            arr = rng.integers(0, num_classes, (size[1], size[0]), dtype=np.uint8)
-        else:
-            bands = len(Image.new(img_mode, (1, 1)).getbands())
-            arr = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
-            arr = arr[..., 0] if bands == 1 else arr
-        Image.fromarray(arr, img_mode).save(dst)
+            img.load()
+            spec.kind.noise(img, rng, num_classes).save(dst)
     return out
 
 

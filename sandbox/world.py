@@ -46,7 +46,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common.files import atomic_write
-from dataset.files import write_ocr_record
+from common.labels import NONE_ID, Instances, Words, label_file
+from common.modalities import EXPERTS
 from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
 
@@ -71,7 +72,6 @@ TOKENIZER_VOCAB = 1000  # the world recipes' vocab_size
 # Semantic classes (seg_coco and seg_ade spaces) and detection classes of the world.
 SEG_CLASSES = ("floor", "wall", "sign", *SHAPES)
 DET_CLASSES = (*SHAPES, "sign")
-NONE_ID = 255
 CHUNK = 128
 MIN_VISIBLE = 0.4  # of an object's own area; else the layout is redrawn
 
@@ -500,29 +500,25 @@ def write_scene(cfg: WorldConfig, root: Path, index: int, made: set | None = Non
     made = set() if made is None else made
     scene, out = make_scene(cfg, index)
     name = image_name(index, cfg)
-    stem = os.path.splitext(name)[0]
     data, labels = root / "data" / "vqav2", root / "labels"
-    png = {"compress_level": 1}
     _write(data / name, _encode(out["rgb"], "JPEG", quality=cfg.jpeg_quality), made)
-    seg = _encode(out["seg"], "PNG", **png)
-    files = {
-        "depth": _encode(out["depth"], "PNG", **png),
-        "normal": _encode(out["normal"], "PNG", **png),
-        "edge": _encode(out["edge"], "PNG", **png),
-        "seg_coco": seg,
-        "seg_ade": seg,
-        "obj_detection": _encode(out["inst"], "PNG", **png),
-        "ocr_detection": _encode(out["ocr"], "PNG", **png),
-    }
-    for expert, payload in files.items():
-        _write(labels / expert / "vqav2" / f"{stem}.png", payload, made)
-    classes = {str(i): DET_CLASSES.index(o["shape"]) for i, o in enumerate(scene["objects"])}
+    classes = {i: DET_CLASSES.index(o["shape"]) for i, o in enumerate(scene["objects"])}
+    words = {}
     if scene["sign"] is not None:
-        classes[str(len(scene["objects"]))] = DET_CLASSES.index("sign")
+        classes[len(scene["objects"])] = DET_CLASSES.index("sign")
         word = scene["sign"]["word"]
-        record = labels / "ocr_detection" / "vqav2" / f"{stem}.json"
-        write_ocr_record(record, {0: {"text": word, "features": name_feature(word)}})
-    _write(labels / "obj_detection" / "vqav2" / f"{stem}.json", json.dumps(classes).encode(), made)
+        words[0] = {"text": word, "features": name_feature(word)}
+    found = {
+        "depth": Image.fromarray(out["depth"], "L"),
+        "normal": Image.fromarray(out["normal"], "RGB"),
+        "edge": Image.fromarray(out["edge"], "L"),
+        "seg_coco": out["seg"],
+        "seg_ade": out["seg"],
+        "obj_detection": Instances(out["inst"], classes),
+        "ocr_detection": Words(out["ocr"], words),
+    }
+    for expert, label in found.items():
+        EXPERTS[expert].kind.write(label_file(labels, expert, "vqav2", name), label)
     return {"index": index, "image": name, **scene}
 
 

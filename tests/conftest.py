@@ -100,7 +100,7 @@ def random_experts(experts, batch: int, image_resolution: int, label_resolution:
     for name in experts:
         e = EXPERTS[name]
         x = torch.randn(batch, e.channels, label_resolution, label_resolution, generator=g)
-        if e.kind == "instance":
+        if e.kind.instances:
             inst = torch.randint(0, 4, (batch, 1, label_resolution, label_resolution), generator=g)
             x = {"label": x, "instance": inst.masked_fill(inst == 3, 255)}
         out[name] = x

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import write_ocr_record
+from common.labels import Instances, Words, label_file
+from common.modalities import EXPERTS
 
 ALL_EXPERTS = ["depth", "normal", "seg_coco", "seg_ade", "edge", "obj_detection", "ocr_detection"]
 SQUARE = (8, 12, 28, 32)  # left, top, right, bottom of the labelled square in a 48x40 image
@@ -38,26 +39,23 @@ def square_map(inside: int, outside: int, w: int = 48, h: int = 40, mode: str = 
     return Image.fromarray(x, mode)
 
 
-def write_labels(label_path: Path, dataset: str, image: str, experts=ALL_EXPERTS, ocr_suffix: str = ".json") -> None:
-    """Every expert marks the same square as the image."""
-    stem = Path(image).with_suffix("")
+def write_labels(label_path: Path, dataset: str, image: str, experts=ALL_EXPERTS) -> None:
+    """Every expert marks the same square as the image, written by its label kind."""
     for name in experts:
-        path = label_path / name / dataset / f"{stem}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = label_file(label_path, name, dataset, image)
         if name in ("depth", "edge"):
-            square_map(255, 0).save(path)
+            label = square_map(255, 0)
         elif name == "normal":
-            square_map(200, 10, mode="RGB").save(path)
+            label = square_map(200, 10, mode="RGB")
         elif name in ("seg_coco", "seg_ade"):
-            square_map(SEG_CLASS, 255).save(path)
+            label = np.asarray(square_map(SEG_CLASS, 255))
         elif name == "obj_detection":
-            square_map(DET_INSTANCE, 255).save(path)
             # instance 9 is named but absent from the PNG: harmless
-            path.with_suffix(".json").write_text(json.dumps({str(DET_INSTANCE): DET_CLASS, "9": 1}))
+            label = Instances(np.asarray(square_map(DET_INSTANCE, 255)), {DET_INSTANCE: DET_CLASS, 9: 1})
         elif name == "ocr_detection":
-            square_map(OCR_WORD, 255).save(path)
             feature = torch.linspace(-1, 1, 64)
-            write_ocr_record(path.with_suffix(ocr_suffix), {OCR_WORD: {"text": "stop", "features": feature}})
+            label = Words(np.asarray(square_map(OCR_WORD, 255)), {OCR_WORD: {"text": "stop", "features": feature}})
+        EXPERTS[name].kind.write(path, label)
 
 
 def write_json(path: Path, obj) -> None:

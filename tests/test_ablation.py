@@ -78,7 +78,7 @@ def test_reused_output_folder_is_relinked_to_the_current_world(world, tmp_path):
 
 
 def test_unknown_corruption_is_refused(world, tmp_path):
-    with pytest.raises(ValueError, match="noise is defined"):
+    with pytest.raises(ValueError, match="noise is not defined for ocr_detection"):
         ablation.corrupt_labels(world / "labels", "ocr_detection", "noise", tmp_path)
     with pytest.raises(ValueError, match="unknown corruption"):
         ablation.corrupt_labels(world / "labels", "depth", "blur", tmp_path)

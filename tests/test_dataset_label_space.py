@@ -69,7 +69,7 @@ def test_painting_is_a_table_lookup_per_pixel():
     ids = torch.full((2, 1, 5, 7), 255, dtype=torch.uint8)
     ids[0, 0, 1:3, 2:4] = 5
     ids[1, 0, 0, 0] = 132
-    table = spaces.id_table("coco").expand(2, -1, -1)
+    table = spaces.id_tables["coco"].expand(2, -1, -1)
     out = paint({"seg_coco": {"ids": ids, "table": table}})["seg_coco"]
     assert out.shape == (2, 64, 5, 7)
     coco = spaces.tables["coco"]
@@ -111,7 +111,7 @@ def test_official_ocr_record_loads_but_code_in_it_does_not(tmp_path):
 
 
 def test_palette_id_map_keeps_raw_ids(tmp_path):
-    from dataset.files import read_ids
+    from common.labels.base import read_ids
 
     img = Image.fromarray(np.array([[5, 255], [7, 5]], np.uint8), "L").convert("P")
     img.putpalette([(i * 37) % 256 for i in range(768)])

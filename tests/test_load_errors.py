@@ -328,7 +328,7 @@ def test_edge_weights(tmp_path, kind):
     path = tmp_path / "10_model.pth"
     marker = write_garbage(path, kind)
     with pytest.raises(CheckpointError) as err:
-        edge.load(path)
+        edge.Generator("edge").load(path)
     check_message(err, path, marker)
 
 
@@ -339,7 +339,7 @@ def test_edge_weights_of_another_network(tmp_path):
     state["block_1.conv1.bias"] = torch.zeros(3)
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="1 missing keys: block_1.conv1.weight; 1 wrong shapes") as err:
-        edge.load(path)
+        edge.Generator("edge").load(path)
     check_message(err, path)
 
 
