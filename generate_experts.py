@@ -1,44 +1,54 @@
 """Expert labels for a folder of images, written where the datasets read them.
 
     python generate_experts.py --expert edge --data_path data/vqav2 --save_path labels
+    python generate_experts.py --expert all --data_path data/vqav2 --save_path labels --weights expert_weights
     accelerate launch generate_experts.py ...   # several GPUs share the images
 
 Every image under `data_path` (recursively) gets `<save_path>/<expert>/<data_path's
 folder name>/<relative path>.png` (the official layout, e.g. labels/edge/vqav2/
-train2014/x.png for data/vqav2/train2014/x.jpg). Labels already written
-are skipped, so an interrupted run picks up where it stopped; each file is
-written atomically. A corrupt image is reported, counted and skipped.
-Networks implemented so far: edge (DexiNed). Weights: `--weights` (a local
-file) or the official file from the hub (`shikunl/prismer`, `expert_weights/`).
+train2014/x.png for data/vqav2/train2014/x.jpg), plus the sidecar files of the
+expert's label kind. Labels already written are skipped, so an interrupted run
+picks up where it stopped; each file is written atomically. A corrupt image is
+reported, counted and skipped; so is an image whose label file another image
+already claims (`pet.jpg` and `pet.png`). Weights: `--weights` (the weight
+file of a single expert, or a folder holding the official files by their
+official names) or the official file from the hub (`shikunl/prismer`,
+`expert_weights/`). Each expert's network is one module under experts/,
+driven through the protocol in experts/network.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common.files import atomic_write
 from common.hub import hub_file
+from common.labels import label_file
 from common.modalities import EXPERTS, label_networks
 from dataset.datasets import list_images
-from dataset.files import READ_ERRORS, label_file, read_image
+from dataset.files import READ_ERRORS, read_image
 from experts import generator_network
 from helpers.distributed import PRECISIONS, make_accelerator, stop_with_launcher
+from helpers.engine import cli
 from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")
+
+COUNTS = ("already done", "written", "corrupt (skipped)", "name taken (skipped)")
 
 
 class Images(torch.utils.data.Dataset):
     """(input tensor, original (W, H), index); a corrupt file yields its error instead."""
 
     def __init__(self, paths: list[Path], preprocess):
-        self.paths, self.preprocess = paths, preprocess  # a function, not the module: workers pickle it
+        self.paths, self.preprocess = paths, preprocess  # a bound method: workers pickle it
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,18 +61,136 @@ class Images(torch.utils.data.Dataset):
             return f"{type(e).__name__}: {e}", None, i
 
 
-def collate(samples: list) -> tuple[torch.Tensor | None, list, list]:
-    good = [s for s in samples if s[1] is not None]
-    x = torch.stack([s[0] for s in good]) if good else None
-    return x, [(s[1], s[2]) for s in good], [(s[0], s[2]) for s in samples if s[1] is None]
+def parse_experts(value: str) -> list[str]:
+    """`all` or a comma-separated list of experts that have a label network."""
+    known = label_networks()
+    names = known if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown expert(s) {unknown or value!r}; label networks: {', '.join(known)}")
+    return names
 
 
-def main(argv: list[str] | None = None) -> dict:
+def weights_for(expert: str, weights: str | None, several: bool) -> str | Path:
+    """`--weights` as the expert's file, the official file name inside a `--weights`
+    folder, or the official file from the hub."""
+    official = EXPERTS[expert].weights
+    if weights is None:
+        return hub_file(OFFICIAL_REPO, official, f"the {expert} expert's weights")
+    path = Path(weights)
+    if path.is_dir() and (path / Path(official).name).is_file():
+        return path / Path(official).name
+    if several:
+        raise FileNotFoundError(f"--weights {weights}: no {Path(official).name} ({expert}) in this folder")
+    return weights
+
+
+def claimed_once(paths: list[Path], out: dict[Path, Path]) -> tuple[list[Path], list[Path]]:
+    """Images whose label file no earlier image (in sorted order) maps to, and the rest."""
+    owner: dict[Path, Path] = {}
+    keep, taken = [], []
+    for p in paths:
+        if out[p] in owner:
+            log.warning("%s: its label %s is %s's; skipped (rename one of them)", p, out[p], owner[out[p]])
+            taken.append(p)
+        else:
+            owner[out[p]] = p
+            keep.append(p)
+    return keep, taken
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak
+
+
+def generate(expert: str, args, accelerator, paths: list[Path], root: Path, several: bool) -> dict:
+    """One expert's labels for this process's share of `paths`; its counts (not yet summed)."""
+    network = generator_network(expert)
+    kind = EXPERTS[expert].kind
+    save = Path(args.save_path)
+    out = {q: label_file(save, expert, root.name, q.relative_to(root).as_posix()) for q in paths}
+    paths, taken = claimed_once(paths, out)
+    # Split the listing, not what is left: processes that check the disk at
+    # different moments would otherwise disagree about who does which image.
+    share = paths[accelerator.process_index :: accelerator.num_processes]
+    mine = [q for q in share if not kind.exists(out[q])]
+    counts = dict.fromkeys(COUNTS, 0)
+    counts["already done"] = len(share) - len(mine)
+    counts["name taken (skipped)"] = len(taken[accelerator.process_index :: accelerator.num_processes])
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    t0 = time.perf_counter()
+    if mine:
+        model = network.load(weights_for(expert, args.weights, several)).to(accelerator.device)
+        loader = torch.utils.data.DataLoader(
+            Images(mine, network.preprocess), batch_size=None, num_workers=args.num_workers
+        )
+        # Inputs wait in a bucket per shape: a batch only ever holds equal shapes,
+        # so no image is padded for another and a label never depends on its batch.
+        buckets: dict[tuple, list] = defaultdict(list)
+
+        def run(batch: list) -> None:
+            x_BCHW = torch.stack([x for x, _, _ in batch]).to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                raws = network.predict(model, x_BCHW)
+            for (_, size, i), raw in zip(batch, raws):
+                kind.write(out[mine[i]], network.to_label(raw, size))
+            counts["written"] += len(batch)
+            bar.update(len(batch))
+
+        bar = tqdm(total=len(mine), desc=expert, unit="img", disable=not accelerator.is_local_main_process)
+        for x_CHW, size, i in loader:
+            if size is None:
+                log.warning("%s: unreadable image, skipped (%s)", mine[i], x_CHW)
+                counts["corrupt (skipped)"] += 1
+                bar.update(1)
+                continue
+            bucket = buckets[tuple(x_CHW.shape)]
+            bucket.append((x_CHW, size, i))
+            if len(bucket) == args.batch_size:
+                run(buckets.pop(tuple(x_CHW.shape)))
+        for batch in buckets.values():
+            run(batch)
+        bar.close()
+    seconds = time.perf_counter() - t0
+    counts["seconds"] = seconds
+    counts["peak MiB"] = peak_memory_mb(accelerator.device)
+    return counts
+
+
+def summarise(expert: str, counts: dict, accelerator, images: int) -> dict:
+    """Counts summed over processes (seconds and memory: the largest)."""
+    device = accelerator.device
+    summed = accelerator.reduce(torch.tensor([float(counts[k]) for k in COUNTS], device=device), "sum")
+    # accelerate's reduce only sums or averages: gather for the maximum.
+    slowest = accelerator.gather(torch.tensor([[counts["seconds"], counts["peak MiB"]]], device=device)).amax(0)
+    totals = {"images": images, **{k: int(v) for k, v in zip(COUNTS, summed.tolist())}}
+    totals["images/s"] = totals["written"] / slowest[0].item() if slowest[0] > 0 else 0.0
+    totals["peak MiB"] = round(slowest[1].item())
+    return totals
+
+
+def print_table(totals: dict[str, dict], where: Path) -> None:
+    keys = ["images", *COUNTS, "images/s", "peak MiB"]
+    width = max(len(k) for k in keys)
+    names = list(totals)
+    print(f"\nlabels under {where}/<expert>")
+    print(f"  {'':<{width}} " + " ".join(f"{n:>14}" for n in names))
+    for k in keys:
+        cells = [totals[n][k] for n in names]
+        print(f"  {k:<{width}} " + " ".join(f"{c:>14.2f}" if isinstance(c, float) else f"{c:>14}" for c in cells))
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--expert", required=True, choices=label_networks())
+    p.add_argument(
+        "--expert", required=True, type=parse_experts, help=f"'all' or some of: {','.join(label_networks())}"
+    )
     p.add_argument("--data_path", required=True, help="folder of images (searched recursively)")
     p.add_argument("--save_path", required=True, help="label root (the datasets' label_path)")
-    p.add_argument("--weights", help="local weight file (default: the official one from the hub)")
+    p.add_argument("--weights", help="a weight file (one expert) or a folder of official weight files")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--mixed_precision", default="no", choices=PRECISIONS, help="the official labels used fp16 (GPU)")
@@ -70,47 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     stop_with_launcher()
 
-    t0 = time.perf_counter()
     root, save = Path(args.data_path), Path(args.save_path)
-    network = generator_network(args.expert)
     paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
-    out = {q: label_file(save, args.expert, root.name, q.relative_to(root).as_posix()) for q in paths}
     accelerator = make_accelerator(args.mixed_precision)
-    # Split the listing, not what is left: processes that check the disk at
-    # different moments would otherwise disagree about who does which image.
-    share = paths[accelerator.process_index :: accelerator.num_processes]
-    mine = [q for q in share if not out[q].is_file()]
-    counts = {"already done": len(share) - len(mine), "written": 0, "corrupt (skipped)": 0}
-    if mine:
-        weights = args.weights or hub_file(
-            OFFICIAL_REPO, EXPERTS[args.expert].weights, f"the {args.expert} expert's weights"
-        )
-        model = network.load(weights).to(accelerator.device)
-        loader = torch.utils.data.DataLoader(
-            Images(mine, network.preprocess), args.batch_size, num_workers=args.num_workers, collate_fn=collate
-        )
-        bar = tqdm(loader, desc=args.expert, unit="batch", disable=not accelerator.is_local_main_process)
-        for x_B3HW, good, bad in bar:
-            for message, i in bad:
-                log.warning("%s: unreadable image, skipped (%s)", mine[i], message)
-            counts["corrupt (skipped)"] += len(bad)
-            if x_B3HW is None:
-                continue
-            with torch.no_grad(), accelerator.autocast():
-                fused_B1HW = model(x_B3HW.to(accelerator.device))[-1]
-            for (size, i), fused_1HW in zip(good, fused_B1HW):
-                label = network.to_label(fused_1HW, size)
-                atomic_write(out[mine[i]], lambda tmp, label=label: label.save(tmp, format="PNG"))
-            counts["written"] += len(good)
-    summed = accelerator.reduce(torch.tensor(list(counts.values()), device=accelerator.device), "sum").tolist()
-    totals = {"images": len(paths), **dict(zip(counts, summed))}
+    totals = {}
+    for expert in args.expert:
+        counts = generate(expert, args, accelerator, paths, root, several=len(args.expert) > 1)
+        totals[expert] = summarise(expert, counts, accelerator, len(paths))
     if accelerator.is_main_process:
-        print(f"\n{args.expert} labels under {Path(args.save_path) / args.expert / root.name}")
-        for key, value in totals.items():
-            print(f"  {key:<18} {value}")
-        print(f"  {'seconds':<18} {time.perf_counter() - t0:.1f}")
+        print_table(totals, save)
     return totals
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,5 +1,6 @@
-"""The networks that make expert labels, one module each (load, preprocess, to_label);
-which expert uses which network is in the table of modalities, common/modalities.py."""
+"""The networks that make expert labels, one module each, each a `Generator`
+following the protocol in experts/network.py; which expert uses which network
+is in the table of modalities, common/modalities.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from common.modalities import EXPERTS, label_networks
 
 
 def generator_network(name: str):
-    """The label-generating module of expert `name` (imported on demand: networks are heavy)."""
+    """The label network of expert `name` (its module imported on demand: networks are heavy)."""
     expert = EXPERTS[name]
     if expert.network is None:
         raise NotImplementedError(f"no label network for {name!r} yet; implemented: {', '.join(label_networks())}")
-    return importlib.import_module(f"experts.{expert.network}")
+    return importlib.import_module(f"experts.{expert.network}").Generator(name)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from common.weights import load_checked, read_state_dict
+from experts.network import LabelNetwork
 
 RESOLUTION = 480  # the official generation resizes every image to 480 x 480
 MEAN_RGB = (0.485, 0.456, 0.406)  # subtracted with std 1, before the x255 and the BGR flip
@@ -154,25 +155,30 @@ class DexiNed(nn.Module):
         return [getattr(self, f"up_block_{i}") for i in range(1, 7)]
 
 
-def load(path: str | Path) -> DexiNed:
-    """The official `10_model.pth` (read with weights_only), in eval mode."""
-    model = DexiNed()
-    load_checked(model, read_state_dict(path), str(path))
-    return model.eval()
+class Generator(LabelNetwork):
+    """Edge labels as the official pipeline makes them (the protocol in experts/network.py)."""
 
+    def load(self, weights: str | Path) -> DexiNed:
+        """The official `10_model.pth` (read with weights_only), in eval mode."""
+        model = DexiNed()
+        load_checked(model, read_state_dict(weights), str(weights))
+        return model.eval()
 
-def preprocess(image: Image.Image) -> torch.Tensor:
-    """RGB image -> the network's 3 x 480 x 480 input: mean removed (std 1), x255, channels BGR."""
-    from torchvision.transforms import functional as TF
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> the network's 3 x 480 x 480 input: mean removed (std 1), x255, channels BGR."""
+        from torchvision.transforms import functional as TF
 
-    x_3HW = TF.to_tensor(TF.resize(image.convert("RGB"), [RESOLUTION, RESOLUTION]))
-    x_3HW = x_3HW - torch.tensor(MEAN_RGB).view(3, 1, 1)
-    return x_3HW.flip(0) * 255
+        x_3HW = TF.to_tensor(TF.resize(image.convert("RGB"), [RESOLUTION, RESOLUTION]))
+        x_3HW = x_3HW - torch.tensor(MEAN_RGB).view(3, 1, 1)
+        return x_3HW.flip(0) * 255
 
+    def predict(self, model: DexiNed, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """The fused edge logits (B, 1, H, W); the six side outputs are not used."""
+        return model(x_B3HW)[-1]
 
-def to_label(fused_1HW: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """The label file's image: sigmoid, min-max to 0..255 per image (truncated to
-    uint8), inverted (edges dark), resized bilinearly to the original (W, H)."""
-    p_HW = torch.sigmoid(fused_1HW.float())[0].cpu().numpy()
-    scaled_HW = (p_HW - p_HW.min()) * 255 / ((p_HW.max() - p_HW.min()) + 1e-12)
-    return Image.fromarray(255 - scaled_HW.astype(np.uint8), "L").resize(size, Image.BILINEAR)
+    def to_label(self, fused_1HW: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        """The label file's image: sigmoid, min-max to 0..255 per image (truncated to
+        uint8), inverted (edges dark), resized bilinearly to the original (W, H)."""
+        p_HW = torch.sigmoid(fused_1HW.float())[0].cpu().numpy()
+        scaled_HW = (p_HW - p_HW.min()) * 255 / ((p_HW.max() - p_HW.min()) + 1e-12)
+        return Image.fromarray(255 - scaled_HW.astype(np.uint8), "L").resize(size, Image.BILINEAR)

@@ -58,13 +58,23 @@ def folder(tmp_path):
 def run(folder, save, *extra):
     root, weights = folder
     argv = ["--expert", "edge", "--data_path", str(root), "--save_path", str(save), "--num_workers", "0"]
-    return generate_experts.main([*argv, "--weights", str(weights), *extra])
+    return generate_experts.main([*argv, "--weights", str(weights), *extra])["edge"]
+
+
+def counts(totals: dict) -> dict:
+    """The image counts of one expert's summary (not its speed or memory)."""
+    return {k: v for k, v in totals.items() if k not in ("images/s", "peak MiB")}
 
 
 def test_labels_are_written_where_the_datasets_read_them(folder, tmp_path):
     save = tmp_path / "labels"
-    counts = run(folder, save)
-    assert counts == {"images": 4, "already done": 0, "written": 3, "corrupt (skipped)": 1}
+    assert counts(run(folder, save)) == {
+        "images": 4,
+        "already done": 0,
+        "written": 3,
+        "corrupt (skipped)": 1,
+        "name taken (skipped)": 0,
+    }
     for name, (h, w, x) in IMAGES.items():
         with Image.open(save / "edge" / "imgs" / name.replace(".jpg", ".png")) as label:
             assert label.mode == "L" and label.size == (w, h)
@@ -95,8 +105,13 @@ def test_a_second_run_only_does_what_is_missing(folder, tmp_path):
     done = save / "edge" / "imgs" / "a.png"
     before = done.stat().st_mtime_ns
     (save / "edge" / "imgs" / "b.png").unlink()  # as if the run had stopped before it
-    counts = run(folder, save)
-    assert counts == {"images": 4, "already done": 2, "written": 1, "corrupt (skipped)": 1}
+    assert counts(run(folder, save)) == {
+        "images": 4,
+        "already done": 2,
+        "written": 1,
+        "corrupt (skipped)": 1,
+        "name taken (skipped)": 0,
+    }
     assert done.stat().st_mtime_ns == before
 
 
@@ -145,3 +160,26 @@ def test_a_folder_without_images_is_an_error(tmp_path):
 def test_an_expert_without_a_network_says_which_exist():
     with pytest.raises(NotImplementedError, match="no label network for 'depth' yet; implemented: edge"):
         generator_network("depth")
+
+
+def test_two_images_claiming_one_label_file_are_reported_not_overwritten(folder, tmp_path, caplog):
+    """pet.jpg and pet.png map to the same pet.png label (official layout): the first
+    in sorted order keeps it, the other is skipped and counted, never written over it."""
+    root, weights = folder
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "b.png")  # b.jpg is blue from column 10
+    save = tmp_path / "labels"
+    totals = run(folder, save)
+    assert counts(totals)["written"] == 3 and counts(totals)["name taken (skipped)"] == 1
+    assert "b.png: its label" in caplog.text and "b.jpg's" in caplog.text
+    a = np.asarray(Image.open(save / "edge" / "imgs" / "b.png"))
+    assert (a[:, 12:] == 0).all()  # b.jpg's label (blue from column 10), not the black b.png's (all white)
+
+
+def test_weights_from_a_folder_of_official_files(folder, tmp_path):
+    root, weights = folder
+    official = tmp_path / "expert_weights"
+    official.mkdir()
+    weights.rename(official / "10_model.pth")
+    argv = ["--expert", "all", "--data_path", str(root), "--save_path", str(tmp_path / "l"), "--num_workers", "0"]
+    totals = generate_experts.main([*argv, "--weights", str(official)])
+    assert list(totals) == ["edge"] and totals["edge"]["written"] == 3
