@@ -5,8 +5,12 @@ Public API as in the official code: `create_dataset`, `create_loader`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from common.labels import SampleError, read_ocr_record, write_ocr_record
+from dataset.config import DataConfig, as_data_config
 from dataset.datasets import VQA, Caption, ImageFolder, Skipped
-from dataset.files import SampleError, read_ocr_record, write_ocr_record
 from dataset.label_space import LabelSpaces, load_label_spaces
 from dataset.lists import ConfigError
 from dataset.loader import DataError, Loader, create_loader
@@ -18,6 +22,7 @@ __all__ = [
     "VQA",
     "Caption",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "ImageFolder",
     "LabelSpaces",
@@ -36,13 +41,15 @@ __all__ = [
 ]
 
 
-def create_dataset(kind: str, config: dict):
+def create_dataset(kind: str, config: DataConfig | Mapping[str, Any]):
     """'pretrain' -> one streamed dataset; 'caption' / 'vqa' -> (train, test);
-    'caption' with config['dataset'] == 'demo' -> (None, image folder)."""
+    'caption' with dataset 'demo' -> (None, image folder). `config`: a DataConfig
+    (a training run's RunConfig is one) or a mapping of data keys."""
+    config = as_data_config(config)
     if kind == "pretrain":
         return Pretrain(config)
     if kind == "caption":
-        if config.get("dataset") == "demo":
+        if config.dataset == "demo":
             return None, ImageFolder(config)
         return Caption(config, train=True), Caption(config, train=False)
     if kind == "vqa":

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from common.modalities import EXPERTS, parse_experts
+from common.modalities import EXPERTS
+from dataset.config import DataConfig, as_data_config
 from dataset.files import READ_ERRORS
 from dataset.label_space import load_label_spaces
 from dataset.lists import ConfigError, load_data_list
 from dataset.sample import ExpertReader, stack_experts
 from dataset.text import pre_caption, pre_question
-from dataset.transforms import LABEL_SIZE, Transform
+from dataset.transforms import Transform
 
 logger = logging.getLogger(__name__)
 
@@ -55,37 +58,29 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random((seed << 80) | (epoch << 48) | index)
 
 
-def make_reader(config: dict, train: bool, scale=(0.5, 1.0)) -> ExpertReader:
-    for key in ("data_path", "image_resolution"):
-        if key not in config:
-            raise ConfigError(f"config lacks {key!r}")
-    experts = parse_experts(config.get("experts"))
+def make_reader(config: DataConfig | Mapping[str, Any], train: bool, scale=(0.5, 1.0)) -> ExpertReader:
+    config = as_data_config(config)
+    experts = config.experts
     # `label_path: null` means no labels on disk: fine for rgb alone (PrismerZ).
-    if experts and config.get("label_path") is None:
-        state = "null" if "label_path" in config else "absent"
+    if experts and config.label_path is None:
         raise ConfigError(
-            f"config's 'label_path' is {state} (no labels on disk) but experts {experts} need labels: "
+            f"config's 'label_path' is null (no labels on disk) but experts {experts} need labels: "
             "set label_path to their label tree, or experts to ['none']"
         )
-    painted = any(EXPERTS[e].painted for e in experts)
-    spaces = load_label_spaces(config.get("label_space_path")) if painted else None
-    transform = Transform(
-        config["image_resolution"],
-        train=train,
-        scale=scale,
-        label_resolution=config.get("label_resolution") or LABEL_SIZE,
-    )
-    return ExpertReader(config["data_path"], config.get("label_path"), experts, spaces, transform)
+    painted = any(EXPERTS[e].kind.painted for e in experts)
+    spaces = load_label_spaces(config.label_space_path) if painted else None
+    transform = Transform(config.image_resolution, train=train, scale=scale, label_resolution=config.label_resolution)
+    return ExpertReader(config.data_path, config.label_path, experts, spaces, transform)
 
 
 class ExpertDataset(Dataset):
     """Shared machinery: expert reading, per-sample seeded augmentation, and
     turning unreadable samples into `Skipped` markers."""
 
-    def __init__(self, config: dict, train: bool):
+    def __init__(self, config: DataConfig, train: bool):
         self.train = train
-        self.seed = int(config.get("seed", 0))
-        self.max_bad_fraction = float(config.get("max_bad_fraction", 0.5))
+        self.seed = config.seed
+        self.max_bad_fraction = config.max_bad_fraction
         self.epoch = 0
         self.reader = make_reader(config, train)
         self.data_list: list[dict] = []
@@ -118,11 +113,11 @@ class Caption(ExpertDataset):
 
     IMAGE_DIR = {"coco": "vqav2", "nocaps": "nocaps"}
 
-    def __init__(self, config: dict, train: bool):
+    def __init__(self, config: DataConfig, train: bool):
         super().__init__(config, train)
-        self.dataset = config.get("dataset")
-        self.prefix = config.get("prefix") or ""
-        root = Path(config["data_path"])
+        self.dataset = config.dataset
+        self.prefix = config.prefix
+        root = Path(config.data_path)
         if self.dataset not in ("coco", "nocaps"):
             raise ConfigError(f"caption dataset {self.dataset!r} is not one of 'coco', 'nocaps', 'demo'")
         if train:
@@ -153,9 +148,9 @@ class ImageFolder(ExpertDataset):
     `<label_path>/<expert>/<data_path's folder name>/<relative path>.png`,
     which is the official demo layout. Samples are (experts, index)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: DataConfig):
         super().__init__(config, train=False)
-        root = Path(config["data_path"])
+        root = Path(config.data_path)
         paths = list_images(root, "demo images")
         self.reader.data_path = str(root.parent)
         self.image_dir = root.name
@@ -178,11 +173,11 @@ class VQA(ExpertDataset):
     LISTS = {"vqav2": "vqav2_train_val.json", "vg": "vg_qa.json"}
     IMAGE_DIR = {"vqa": "vqav2", "vg": "vg"}
 
-    def __init__(self, config: dict, train: bool):
+    def __init__(self, config: DataConfig, train: bool):
         super().__init__(config, train)
-        root = Path(config["data_path"])
+        root = Path(config.data_path)
         if train:
-            names = config.get("datasets") or ["vqav2"]
+            names = config.datasets or ["vqav2"]
             unknown = [n for n in names if n not in self.LISTS]
             if unknown:
                 raise ConfigError(f"VQA datasets {unknown} unknown; choose from {list(self.LISTS)}")

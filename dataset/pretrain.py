@@ -31,6 +31,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dataset.config import DataConfig
 from dataset.datasets import IMAGE_SUFFIXES, Skipped, make_reader
 from dataset.files import READ_ERRORS, read_image
 from dataset.lists import ConfigError, load_data_list
@@ -134,22 +135,20 @@ def stream_rng(seed: int, epoch: int, unit_seed: int, position: int) -> random.R
 class Pretrain(IterableDataset):
     """Yields (experts, caption) or `Skipped` for unusable samples."""
 
-    def __init__(self, config: dict):
-        names = config.get("datasets") or []
+    def __init__(self, config: DataConfig):
+        names = config.datasets
         unknown = [n for n in names if n not in SOURCES]
         if not names or unknown:
             raise ConfigError(f"pre-training 'datasets' must name some of {list(SOURCES)}, got {names}")
-        self.seed = int(config.get("seed", 0))
-        self.max_bad_fraction = float(config.get("max_bad_fraction", 0.5))
+        self.seed = config.seed
+        self.max_bad_fraction = config.max_bad_fraction
         self.epoch, self.rank, self.world_size = 0, 0, 1
         self.starts: list[tuple[int, int, int]] | None = None  # see set_start
-        self.reader = make_reader({"data_path": "", **config}, train=True, scale=PRETRAIN_SCALE)
+        self.reader = make_reader(config, train=True, scale=PRETRAIN_SCALE)
         self.roots, self.lists, self.web_units = {}, {}, []
         for name in names:
             key, list_name, _ = SOURCES[name]
-            root = config.get(key, config.get("data_path"))
-            if root is None:
-                raise ConfigError(f"pre-training dataset {name!r} needs {key!r} (or 'data_path') in the config")
+            root = getattr(config, key) or config.data_path
             self.roots[name] = Path(root)
             if list_name:
                 keys = {"image": str, "caption": str}

@@ -7,8 +7,6 @@ is an error that names the key and the file before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,33 +14,22 @@ from typing import Any
 
 import yaml
 
+from common.config import from_mapping
 from common.modalities import PRISMER_EXPERTS
+from dataset.config import DataConfig
 from helpers.distributed import PRECISIONS, SHARDINGS
 from model.config import ModelConfig
 
 
 @dataclass
-class RunConfig(ModelConfig):
-    """A run's keys: the model's (ModelConfig, validated first) and these."""
+class RunConfig(ModelConfig, DataConfig):
+    """A run's keys: the model's (ModelConfig, validated first), the data's
+    (DataConfig, which the datasets receive) and these."""
 
     prismer_model: str | dict = "prismer_base"
     experts: list[str] = field(default_factory=lambda: list(PRISMER_EXPERTS))
-    # data (the official keys; see dataset.create_dataset)
-    dataset: str = "coco"
-    datasets: list[str] = field(default_factory=list)
-    data_path: str = "data"
-    # pre-training sources (official keys); each falls back to data_path
-    coco_data_path: str | None = None
-    vg_data_path: str | None = None
-    cc3m_data_path: str | None = None
-    cc12m_data_path: str | None = None
-    label_path: str | None = "data/experts"
-    label_space_path: str | None = None
-    label_resolution: int = 224  # official; smaller only for small-scale research
-    prefix: str = ""
     gt_file: str | None = None  # caption ground truth; default per dataset in data_path
     num_workers: int = 4
-    max_bad_fraction: float = 0.5
     # optimisation
     batch_size_train: int = 8
     batch_size_test: int = 8
@@ -71,13 +58,13 @@ class RunConfig(ModelConfig):
     log_every_steps: int = 10
     tracker: str | None = "tensorboard"  # tensorboard | wandb | None
     max_train_steps: int = 0  # 0: no limit (for smoke runs)
-    seed: int = 42
     # processes; the run's config.json records the precision helpers.distributed decided for `auto`
     mixed_precision: str = "auto"  # auto (fp16 on a GPU, else no) | no | fp16 | bf16
     sharding: str = "none"  # none | shard_grad_op (FSDP2, ZeRO-2) | full_shard (ZeRO-3)
 
     def __post_init__(self):
-        super().__post_init__()
+        ModelConfig.__post_init__(self)
+        DataConfig.__post_init__(self)
         if self.schedule not in ("cosine_step", "cosine_epoch"):
             raise ValueError(f"schedule must be cosine_step or cosine_epoch, not {self.schedule!r}")
         if self.inference not in ("rank", "generate"):
@@ -95,35 +82,8 @@ class RunConfig(ModelConfig):
         return ModelConfig.from_dict(dataclasses.asdict(self), strict=False)
 
 
-def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the field's type hint; YAML's '5e-5' (a string in YAML 1.1) becomes a float."""
-    origin = typing.get_origin(hint)
-    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        base = typing.get_origin(option) or option
-        if base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except ValueError:
-                continue
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base in (str, bool, list, dict) and isinstance(value, base):
-            return value
-    quote = ""
-    if isinstance(value, bool) and any((typing.get_origin(o) or o) is str for o in options):
-        quote = " (YAML reads unquoted no/yes/off/on as booleans: quote it)"
-    raise ValueError(f"{where}: key {name!r} must be {hint}, got {value!r}{quote}")
-
-
 def build_config(values: dict, where: str) -> RunConfig:
-    hints = typing.get_type_hints(RunConfig)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {unknown}")
-    return RunConfig(**{k: _coerce(k, v, hints[k], where) for k, v in values.items()})
+    return from_mapping(RunConfig, values, where)
 
 
 def load_config(

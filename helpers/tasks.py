@@ -19,7 +19,7 @@ def _datasets(kind: str):
     def make(cfg):
         from dataset import create_dataset
 
-        return create_dataset(kind, cfg.to_dict())
+        return create_dataset(kind, cfg)
 
     return make
 

@@ -53,3 +53,44 @@ def test_model_takes_a_whole_training_config(tokenizer):
     }
     model = PrismerCaption(cfg, tokenizer=tokenizer)
     assert model.config.image_resolution == 64 and not hasattr(model.expert_encoder, "resampler")
+
+
+def test_data_keys_have_one_default_shared_by_the_run_and_the_datasets(tmp_path):
+    """A dataset built from a plain mapping and one built by a training run read
+    the same defaults (the datasets once defaulted seed to 0, the run to 42)."""
+    from dataset import DataConfig, create_dataset
+    from helpers.config import load_config
+    from tests.dataset_builders import coco_world
+
+    world = coco_world(tmp_path, n=2, experts=["depth"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data_path: {world['data_path']}\nlabel_path: {world['label_path']}\nexperts: [depth]\n")
+    run = load_config(recipe)
+    plain = DataConfig.from_dict(
+        {
+            "data_path": world["data_path"],
+            "label_path": world["label_path"],
+            "experts": ["depth"],
+            "image_resolution": 224,
+        }
+    )
+    assert plain == DataConfig.from_dict({k: getattr(run, k) for k in plain.__dataclass_fields__})
+    from_run, from_plain = create_dataset("caption", run)[0], create_dataset("caption", plain)[0]
+    assert from_run.seed == from_plain.seed == 42
+    assert from_run.reader.transform.label_resolution == from_plain.reader.transform.label_resolution == 224
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"image_resolution": 64, "experts": [], "label_pth": "x"}, r"unknown config key\(s\) \['label_pth'\]"),
+        ({"experts": []}, r"lacks key\(s\) \['image_resolution'\]"),
+        ({"image_resolution": 64, "experts": [], "label_resolution": "224"}, "'label_resolution' must be"),
+        ({"image_resolution": 64, "experts": ["sonar"]}, "unknown expert 'sonar'"),
+    ],
+)
+def test_a_bad_data_key_is_named(values, match):
+    from dataset import ConfigError, create_dataset
+
+    with pytest.raises(ConfigError, match=match):
+        create_dataset("caption", values)

@@ -177,7 +177,7 @@ def test_loss_falls_on_a_fixed_batch(recipe):
     from model import PrismerCaption
 
     cfg = load_config(recipe[0])
-    train, _ = create_dataset("caption", cfg.to_dict())
+    train, _ = create_dataset("caption", cfg)
     experts, captions = next(iter(create_loader(train, 4, 0, True, collate_fn=train.collate)))
     torch.manual_seed(0)
     model = PrismerCaption(cfg.model_config())
@@ -361,7 +361,7 @@ def test_pretraining_stopped_mid_epoch_resumes_its_stream_unread_to_the_same_wei
     train_pretrain.main(args(recipe, "--exp_name", "straight", *common))
     train_pretrain.main(args(recipe, "--exp_name", "stopped", *common, "--set", "max_train_steps=3"))
     cfg = load_config(recipe[0], None, sets)
-    loader = create_loader(create_dataset("pretrain", cfg.to_dict()), cfg.batch_size_train, 2, True, seed=cfg.seed)
+    loader = create_loader(create_dataset("pretrain", cfg), cfg.batch_size_train, 2, True, seed=cfg.seed)
     for _, captions in itertools.islice(loader, 3):
         for c in captions:
             Path(cfg.data_path, "vqav2", f"train2014/COCO_train2014_{int(c.split()[-1]):012d}.jpg").write_bytes(b"")
