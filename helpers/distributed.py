@@ -51,22 +51,22 @@ def stop_with_launcher() -> None:
 
 
 def resolve_precision(requested: str, sharding: str = "none") -> str:
-    """The precision a run gets, decided once: `auto` is fp16 on a GPU and full
-    precision (`no`) elsewhere, and fp16 without a GPU falls back to full
-    precision. Deciding a decided value again gives it back unchanged."""
+    """The precision a run gets, decided once: `auto` is fp16 on a GPU (bf16 for a
+    sharded run, which has no fp16 grad scaler) and full precision (`no`)
+    elsewhere, and fp16 without a GPU falls back to full precision. Deciding a
+    decided value again gives it back unchanged."""
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {PRECISIONS}, not {requested!r}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
     if requested == "auto":
-        requested = "fp16" if torch.cuda.is_available() else "no"
+        requested = ("fp16" if sharding == "none" else "bf16") if torch.cuda.is_available() else "no"
     if requested == "fp16" and not torch.cuda.is_available():
         log.warning("fp16 needs a GPU; running in full precision")
         requested = "no"
     if sharding != "none" and requested == "fp16":
         raise ValueError(
-            f"sharding {sharding} takes mixed_precision bf16 or no, not fp16 (the auto choice on a GPU): "
-            "fp16 would need a sharded grad scaler"
+            f"sharding {sharding} takes mixed_precision bf16 or no, not fp16: fp16 would need a sharded grad scaler"
         )
     return requested
 

@@ -181,6 +181,7 @@ def test_precision_is_decided_once_and_the_decision_stands(monkeypatch, gpu):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     for requested, sharding, decided in [
         ("auto", "none", "fp16" if gpu else "no"),
+        ("auto", "full_shard", "bf16" if gpu else "no"),  # FSDP2 has no fp16 grad scaler
         ("fp16", "none", "fp16" if gpu else "no"),  # fp16 needs a GPU
         ("bf16", "full_shard", "bf16"),
         ("no", "shard_grad_op", "no"),
@@ -188,8 +189,8 @@ def test_precision_is_decided_once_and_the_decision_stands(monkeypatch, gpu):
         assert distributed.resolve_precision(requested, sharding) == decided
         assert distributed.resolve_precision(decided, sharding) == decided  # deciding again changes nothing
     if gpu:
-        with pytest.raises(ValueError, match="bf16 or no, not fp16"):  # FSDP2 would need a sharded grad scaler
-            distributed.resolve_precision("auto", "full_shard")
+        with pytest.raises(ValueError, match="bf16 or no, not fp16"):
+            distributed.resolve_precision("fp16", "full_shard")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         distributed.resolve_precision("fp8")
 
@@ -197,7 +198,7 @@ def test_precision_is_decided_once_and_the_decision_stands(monkeypatch, gpu):
 def train_batches(recipe):
     from dataset import create_dataset, create_loader
 
-    train, _ = create_dataset("caption", load_config(recipe[0]).to_dict())
+    train, _ = create_dataset("caption", load_config(recipe[0]))
     return create_loader(train, GLOBAL_BATCH, 0, True, collate_fn=train.collate)
 
 
