@@ -36,8 +36,12 @@ resized bilinearly to the original size, argmax -> uint8 class ids. The
 official run used fp16 autocast on a GPU, so float32 labels differ along
 class boundaries.
 
-Cost on this 2-core CPU in float32, one 640x480 image (input 480x360):
-about 6.5 s and 2.4 GB peak resident memory (ru_maxrss, weights included).
+Cost, measured once on the project's 2-core CPU in float32 with full-size
+synthetic weights: a 640x480 image (input 480x360) takes about 16 CPU-seconds
+(preprocess, predict, to_label; 24 s wall on the shared machine); peak resident
+memory 2.6 GB (ru_maxrss), of which 2.4 GB is reached while loading the weights.
+The label of a 4000x3000 image (the same 480x360 input) takes 23 CPU-seconds
+more and 0.35 GB: its class scores are resized and reduced a few classes at a time.
 """
 
 from __future__ import annotations
@@ -333,8 +337,12 @@ class Generator(LabelNetwork):
             state = load_safetensors(path) if path.suffix == ".safetensors" else read_official_pickle(path)
             log.info("%s: official weights %s", self.expert.name, path)
             return build_official(state, self.variant.num_labels, str(path))
-        if not path.is_dir() and (path.suffix or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(weights))):
-            raise FileNotFoundError(f"{weights} does not exist (expected {self.variant.official_file} or a folder)")
+        is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(weights)) and path.suffix not in (".pkl", ".safetensors")
+        if not path.is_dir() and not is_hub_id:
+            raise FileNotFoundError(
+                f"{weights} does not exist (expected {self.variant.official_file}, a safetensors file with its keys, "
+                f"a Hugging Face folder or hub id such as {self.variant.hub_id})"
+            )
         log.info("%s: Hugging Face weights %s", self.expert.name, weights)
         return load_hf(weights, self.variant.num_labels)
 
@@ -392,7 +400,7 @@ def resized_argmax(sem_Chw: torch.Tensor, out_hw: tuple[int, int], chunk_bytes: 
     best_HW = best_id_HW = None
     for c0 in range(0, num_classes, per_chunk):
         up_kHW = F.interpolate(sem_Chw[None, c0 : c0 + per_chunk], size=out_hw, mode="bilinear", align_corners=False)[0]
-        value_HW, index_HW = up_kHW.amax(0), up_kHW.argmax(0)  # argmax: the first maximal index
+        value_HW, index_HW = up_kHW.max(0)  # documented: the index of the first maximum
         if best_HW is None:
             best_HW, best_id_HW = value_HW, index_HW.to(torch.uint8)
         else:
