@@ -112,6 +112,10 @@ def generate(expert: str, args, accelerator, paths: list[Path], root: Path, seve
     save = Path(args.save_path)
     out = {q: label_file(save, expert, root.name, q.relative_to(root).as_posix()) for q in paths}
     paths, taken = claimed_once(paths, out)
+    if accelerator.is_main_process:  # left by a killed run; never renamed into place
+        for stale in (save / expert / root.name).rglob(".*.tmp"):
+            stale.unlink()
+    accelerator.wait_for_everyone()
     # Split the listing, not what is left: processes that check the disk at
     # different moments would otherwise disagree about who does which image.
     share = paths[accelerator.process_index :: accelerator.num_processes]

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,8 @@ def test_a_folder_without_images_is_an_error(tmp_path):
 
 
 def test_an_expert_without_a_network_says_which_exist():
-    with pytest.raises(NotImplementedError, match="no label network for 'depth' yet; implemented: edge"):
-        generator_network("depth")
+    with pytest.raises(NotImplementedError, match="no label network for 'ocr_detection' yet; implemented: depth, edge"):
+        generator_network("ocr_detection")
 
 
 def test_two_images_claiming_one_label_file_are_reported_not_overwritten(folder, tmp_path, caplog):
@@ -183,3 +184,33 @@ def test_weights_from_a_folder_of_official_files(folder, tmp_path):
     argv = ["--expert", "all", "--data_path", str(root), "--save_path", str(tmp_path / "l"), "--num_workers", "0"]
     totals = generate_experts.main([*argv, "--weights", str(official)])
     assert list(totals) == ["edge"] and totals["edge"]["written"] == 3
+
+
+def test_a_killed_run_resumes_without_partial_files(folder, tmp_path):
+    """SIGKILL mid-run (no handler runs), then the same command: every label is
+    complete, the ones written before the kill are kept, no temporary file is left."""
+    root, weights = folder
+    for i in range(5):
+        Image.fromarray(np.full((64, 64, 3), (0, 0, 20 * i), np.uint8)).save(root / f"more_{i:02d}.jpg")
+    save = tmp_path / "labels"
+    out = save / "edge" / "imgs"
+    cmd = [sys.executable, str(ROOT / "generate_experts.py"), "--expert", "edge", "--data_path", str(root)]
+    cmd += ["--save_path", str(save), "--weights", str(weights), "--batch_size", "1", "--num_workers", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.glob("*.png"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 2 <= len(before) < 8, "the run was not stopped midway"
+    (out / ".more_04.png.abc.tmp").write_bytes(b"half a png")  # as a kill during a write leaves it
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    labels = sorted(out.rglob("*.png"))
+    assert len(labels) == 8 and not list(save.rglob("*.tmp"))
+    for p in labels:
+        with Image.open(p) as img:
+            img.load()  # a truncated PNG would raise
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if p.name in before} == before
