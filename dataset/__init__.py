@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from common.label_space import LabelSpaces, load_label_spaces
 from common.labels import SampleError, read_ocr_record, write_ocr_record
 from dataset.config import DataConfig, as_data_config
 from dataset.datasets import VQA, Caption, ImageFolder, Skipped
-from dataset.label_space import LabelSpaces, load_label_spaces
 from dataset.lists import ConfigError
 from dataset.loader import DataError, Loader, create_loader
 from dataset.pretrain import Pretrain

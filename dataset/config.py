@@ -27,7 +27,7 @@ class DataConfig:
     cc3m_data_path: str | None = None
     cc12m_data_path: str | None = None
     label_path: str | None = "data/experts"  # null: no labels on disk (PrismerZ)
-    label_space_path: str | None = None  # None: the official label spaces shipped in dataset/label_spaces
+    label_space_path: str | None = None  # None: the official label spaces shipped in common/label_spaces
     label_resolution: int = 224  # official; smaller only for small-scale research
     prefix: str = ""  # caption fine-tuning: "A picture of"
     max_bad_fraction: float = 0.5  # of a batch's samples unreadable before the loader stops

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from common.label_space import load_label_spaces
 from common.modalities import EXPERTS
 from dataset.config import DataConfig, as_data_config
 from dataset.files import READ_ERRORS
-from dataset.label_space import load_label_spaces
 from dataset.lists import ConfigError, load_data_list
 from dataset.sample import ExpertReader, stack_experts
 from dataset.text import pre_caption, pre_question

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.label_space import LabelSpaces
 from common.labels import label_file
 from common.modalities import EXPERTS, parse_experts
 from dataset.files import read_image
-from dataset.label_space import LabelSpaces
 from dataset.transforms import Transform
 
 logger = logging.getLogger(__name__)

@@ -46,9 +46,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common.files import atomic_write
+from common.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from common.labels import NONE_ID, Instances, Words, label_file
 from common.modalities import EXPERTS
-from dataset.label_space import FEATURE_DIM, SAFETENSORS_NAME
 from dataset.text import pre_caption, pre_question
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from common.label_space import DEFAULT_PATH, SAFETENSORS_NAME, SPACES
 from dataset import SampleError, load_label_spaces, paint, read_ocr_record, write_ocr_record
-from dataset.label_space import DEFAULT_PATH, SAFETENSORS_NAME, SPACES
 
 # The shipped copy of the official label spaces: a changed byte changes what every checkpoint sees.
 SHIPPED_SHA256 = {

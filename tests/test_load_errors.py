@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.files import CheckpointError
+from common.label_space import SPACES
 from common.weights import read_state_dict
 from dataset import SampleError, load_label_spaces, read_ocr_record
-from dataset.label_space import SPACES
 from experts import edge
 from helpers import checkpoint
 from model import PrismerCaption, convert

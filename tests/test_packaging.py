@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset.label_space import DEFAULT_PATH
+from common.label_space import DEFAULT_PATH
 from model.config import SIZES_FILE
 
 tomllib = pytest.importorskip("tomllib")

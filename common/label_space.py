@@ -9,6 +9,12 @@ Two on-disk forms are read:
 Each space becomes a (classes + 1, 64) table whose last row is the background
 feature, used for label value 255 ("no class"). A file that is not what it
 should be raises CheckpointError naming it.
+
+The same file holds the PCA that reduces a 768-d CLIP ViT-L/14 text embedding
+to these 64 dimensions (`load_clip_pca`), which the OCR expert applies to the
+words it reads. The official features ship in `common/label_spaces/`: the
+datasets paint with them and the OCR expert writes in their space, so they sit
+on the ground floor.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ def _load_official(folder: Path) -> LabelSpaces:
 def load_label_spaces(path: str | Path | None = None) -> LabelSpaces:
     """Read the label-space features from `path`: a `.safetensors` file, or a
     folder holding `label_features.safetensors` or the official `*_features.pt`
-    files. Default: the copy shipped in `dataset/label_spaces/`."""
+    files. Default: the copy shipped in `common/label_spaces/`."""
     path = Path(path) if path is not None else DEFAULT_PATH
     if path.is_file():
         return _load_safetensors(path)
@@ -107,3 +113,22 @@ def load_label_spaces(path: str | Path | None = None) -> LabelSpaces:
         f"{', '.join(p.name for p in official)} (from github.com/NVlabs/prismer, folder dataset/); "
         "set `label_space_path` in the config to where they are"
     )
+
+
+@functools.lru_cache(maxsize=4)
+def load_clip_pca(path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(components (64, 768), mean (768,)) of the official PCA: a word's 64-d feature
+    is `(e - mean) @ components.T` for its 768-d CLIP text embedding `e` (no whitening).
+    From `label_features.safetensors` (a file or the folder holding it; default: the shipped copy)."""
+    path = Path(path) if path is not None else DEFAULT_PATH
+    path = path / SAFETENSORS_NAME if path.is_dir() else path
+    data = load_safetensors(path)
+    if "clip_pca.components" not in data or "clip_pca.mean" not in data:
+        raise CheckpointError(f"{path}: lacks clip_pca.components / clip_pca.mean, the OCR word features' PCA")
+    components, mean = data["clip_pca.components"].float(), data["clip_pca.mean"].float()
+    if components.shape != (FEATURE_DIM, 768) or mean.shape != (768,):
+        raise CheckpointError(
+            f"{path}: clip_pca is {tuple(components.shape)} / {tuple(mean.shape)}, "
+            f"expected ({FEATURE_DIM}, 768) / (768,)"
+        )
+    return components, mean
