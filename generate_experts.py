@@ -41,7 +41,7 @@ from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger("generate_experts")
 
-COUNTS = ("already done", "written", "corrupt (skipped)", "name taken (skipped)")
+COUNTS = ("already done", "written", "corrupt (skipped)", "name taken (skipped)", "input label missing (skipped)")
 
 
 class Images(torch.utils.data.Dataset):
@@ -69,6 +69,22 @@ def parse_experts(value: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown expert(s) {unknown or value!r}; label networks: {', '.join(known)}")
     return names
+
+
+def in_dependency_order(names: list[str]) -> list[str]:
+    """`names` with every expert after the experts whose labels it reads."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in ordered:
+            for needed in generator_network(name).uses_labels:
+                if needed in names:
+                    visit(needed)
+            ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
 
 
 def weights_for(expert: str, weights: str | None, several: bool) -> str | Path:
@@ -119,9 +135,22 @@ def generate(expert: str, args, accelerator, paths: list[Path], root: Path, seve
     # Split the listing, not what is left: processes that check the disk at
     # different moments would otherwise disagree about who does which image.
     share = paths[accelerator.process_index :: accelerator.num_processes]
-    mine = [q for q in share if not kind.exists(out[q])]
+    todo = [q for q in share if not kind.exists(out[q])]
     counts = dict.fromkeys(COUNTS, 0)
-    counts["already done"] = len(share) - len(mine)
+    counts["already done"] = len(share) - len(todo)
+    # Labels of other experts this one reads (detection: depth), per image.
+    inputs = {
+        q: {n: label_file(save, n, root.name, q.relative_to(root).as_posix()) for n in network.uses_labels}
+        for q in todo
+    }
+    mine = []
+    for q in todo:
+        missing = [n for n, path in inputs[q].items() if not EXPERTS[n].kind.exists(path)]
+        if missing:
+            log.warning("%s: no %s label at %s, skipped (make it first)", q, missing[0], inputs[q][missing[0]])
+            counts["input label missing (skipped)"] += 1
+        else:
+            mine.append(q)
     counts["name taken (skipped)"] = len(taken[accelerator.process_index :: accelerator.num_processes])
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -140,7 +169,7 @@ def generate(expert: str, args, accelerator, paths: list[Path], root: Path, seve
             with torch.no_grad(), accelerator.autocast():
                 raws = network.predict(model, x_BCHW)
             for (_, size, i), raw in zip(batch, raws):
-                kind.write(out[mine[i]], network.to_label(raw, size))
+                kind.write(out[mine[i]], network.to_label(raw, size, **inputs[mine[i]]))
             counts["written"] += len(batch)
             bar.update(len(batch))
 
@@ -206,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
     accelerator = make_accelerator(args.mixed_precision)
     totals = {}
-    for expert in args.expert:
+    for expert in in_dependency_order(args.expert):
         counts = generate(expert, args, accelerator, paths, root, several=len(args.expert) > 1)
         totals[expert] = summarise(expert, counts, accelerator, len(paths))
     if accelerator.is_main_process:

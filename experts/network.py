@@ -25,6 +25,10 @@ from common.modalities import EXPERTS, Expert
 class LabelNetwork(abc.ABC):
     """One expert's label generator (several experts may share a class, e.g. seg_coco / seg_ade)."""
 
+    # Experts whose labels of the same image `to_label` reads (detection orders
+    # overlapping boxes by the depth label); the driver makes them first.
+    uses_labels: tuple[str, ...] = ()
+
     def __init__(self, expert: str):
         self.expert: Expert = EXPERTS[expert]
 
@@ -43,7 +47,8 @@ class LabelNetwork(abc.ABC):
         """Raw outputs, one per image, in whatever form `to_label` takes."""
 
     @abc.abstractmethod
-    def to_label(self, raw: Any, size: tuple[int, int]) -> Any:
+    def to_label(self, raw: Any, size: tuple[int, int], **labels: Path) -> Any:
         """The label at the original (W, H), in the in-memory form of the expert's
         kind (common/labels: a PIL image for dense maps, an (H, W) uint8 array of
-        ids for class maps, ...)."""
+        ids for class maps, ...). `labels`: the label file of each expert in
+        `uses_labels`, for the same image."""

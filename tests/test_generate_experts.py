@@ -75,6 +75,7 @@ def test_labels_are_written_where_the_datasets_read_them(folder, tmp_path):
         "written": 3,
         "corrupt (skipped)": 1,
         "name taken (skipped)": 0,
+        "input label missing (skipped)": 0,
     }
     for name, (h, w, x) in IMAGES.items():
         with Image.open(save / "edge" / "imgs" / name.replace(".jpg", ".png")) as label:
@@ -112,6 +113,7 @@ def test_a_second_run_only_does_what_is_missing(folder, tmp_path):
         "written": 1,
         "corrupt (skipped)": 1,
         "name taken (skipped)": 0,
+        "input label missing (skipped)": 0,
     }
     assert done.stat().st_mtime_ns == before
 
