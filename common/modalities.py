@@ -37,7 +37,7 @@ EXPERTS: dict[str, Expert] = {
     for e in (
         Expert("rgb", 3, "rgb", None),
         Expert("depth", 1, "depth", DENSE, network="depth", weights="expert_weights/dpt_hybrid-midas-501f0c75.pt"),
-        Expert("normal", 3, "normal", DENSE),
+        Expert("normal", 3, "normal", DENSE, network="normal", weights="expert_weights/scannet.pt"),
         Expert("edge", 1, "edge", DENSE, network="edge", weights="expert_weights/10_model.pth"),
         Expert("seg_coco", 64, "seg", CLASS_MAP, "coco", "segmentation", "expert_weights/model_final_f07440.pkl"),
         Expert("seg_ade", 64, "seg", CLASS_MAP, "ade", "segmentation", "expert_weights/model_final_e0c58e.pkl"),
