@@ -1,0 +1,124 @@
+"""Expert label networks: images/s and peak memory per expert at the official
+input size, float32 and bf16 autocast, on this machine (CPU unless CUDA is there).
+
+    python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16]
+
+Weights are synthesised from the official layouts (tests/fixtures/experts) and
+written in the official formats, then loaded the way generate_experts.py loads
+them; the images are 640x480 photos-like arrays (COCO's common size). Each
+expert runs in its own process, so its peak resident memory (ru_maxrss) is its
+own: the loaded network plus one image's forward pass and label. Timing covers
+preprocess, predict and to_label of `--images` images one at a time after one
+warm-up image. `vs float32`: how far a bf16 label moves from the float32 one
+(mean absolute grey levels for dense maps, share of changed pixels for id
+maps) — with synthetic weights, so only a rough guide to real labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
+    """Runs in a child process: one expert, one precision, its weights already on disk."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from experts import generator_network
+
+    network = generator_network(expert)
+    model = network.load(weights)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    photo = np.stack([xx * 255 // 640, yy * 255 // 480, (xx + yy) % 256], -1) + rng.integers(0, 40, (480, 640, 3))
+    image = Image.fromarray(photo.clip(0, 255).astype(np.uint8))
+
+    def one(bf16: bool):
+        x = network.preprocess(image)[None]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            (raw,) = network.predict(model, x)
+        return network.to_label(raw, image.size)
+
+    label = one(precision == "bf16")  # also the warm-up
+    start = time.perf_counter()
+    for _ in range(images):
+        one(precision == "bf16")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # How far the label moves from the float32 one: grey levels for dense maps, pixels for id maps.
+    change = ""
+    if precision != "no":
+        a = np.asarray(label.ids if hasattr(label, "ids") else label, dtype=np.float32)
+        b = one(False)
+        b = np.asarray(b.ids if hasattr(b, "ids") else b, dtype=np.float32)
+        painted = network.expert.kind.painted
+        change = f"{(a != b).mean():.2%} px" if painted else f"{np.abs(a - b).mean():.2f} levels"
+    shape = tuple(network.preprocess(image).shape[1:])
+    return {
+        "expert": expert,
+        "precision": precision,
+        "input": f"{shape[1]}x{shape[0]}",
+        "images/s": images / seconds,
+        "peak MiB": peak,
+        "vs float32": change,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from common.modalities import label_networks
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experts", default=",".join(label_networks()))
+    p.add_argument("--precisions", default="no,bf16")
+    p.add_argument("--images", type=int, default=3)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:  # expert,precision,weight file
+        expert, precision, weights = args.child.split(",", 2)
+        print(json.dumps(measure(expert, precision, args.images, Path(weights))))
+        return []
+    from tests.expert_files import write_official
+
+    rows = []
+    for expert in args.experts.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = write_official(expert, Path(tmp))  # here, so the child's peak is the network's alone
+            for precision in args.precisions.split(","):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--images",
+                    str(args.images),
+                    "--child",
+                    f"{expert},{precision},{weights}",
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{expert} {precision} failed:\n{done.stderr[-3000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"{expert:<14} {precision:<5} done", file=sys.stderr)
+    import torch
+
+    print(f"\nexpert label networks, {torch.get_num_threads()} CPU threads, synthetic weights, 640x480 images")
+    print(f"{'expert':<14} {'precision':<9} {'input':>9} {'images/s':>9} {'peak MiB':>9} {'vs float32':>12}")
+    for r in rows:
+        print(
+            f"{r['expert']:<14} {r['precision']:<9} {r['input']:>9} {r['images/s']:>9.3f} {r['peak MiB']:>9.0f} "
+            f"{r['vs float32']:>12}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
