@@ -1,0 +1,94 @@
+"""`generate_experts.py --expert all` as a user runs it: a folder of real images of
+two shapes (and a corrupt one), every network's weights in its official format in
+one folder, labels the datasets read back into the tensors the encoder takes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate_experts
+from common.labels import label_file
+from common.modalities import EXPERTS, label_networks
+from dataset import create_dataset, create_loader, paint
+from dataset.files import read_image
+from experts import generator_network
+from tests.expert_files import write_official
+
+# name -> (W, H): two landscape images share an input shape at every network (one
+# batch of 2), the portrait one is alone in its batch at the networks that keep the aspect.
+IMAGES = {"a.jpg": (640, 480), "b.jpg": (640, 480), "sub/c.png": (300, 500)}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("all")
+    photos, weights, save = root / "photos", root / "expert_weights", root / "labels"
+    (photos / "sub").mkdir(parents=True)
+    weights.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in IMAGES.items():
+        yy, xx = np.mgrid[0:h, 0:w]
+        x = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1) + rng.integers(0, 30, (h, w, 3))
+        Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(photos / name)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for expert in label_networks():
+        write_official(expert, weights)
+    argv = ["--expert", "all", "--data_path", str(photos), "--save_path", str(save), "--weights", str(weights)]
+    totals = generate_experts.main([*argv, "--batch_size", "2", "--num_workers", "0"])
+    return photos, weights, save, totals
+
+
+def test_every_network_labels_every_readable_image(generated):
+    photos, _, save, totals = generated
+    assert list(totals) == label_networks()
+    for expert, counts in totals.items():
+        assert (counts["images"], counts["written"], counts["corrupt (skipped)"]) == (4, 3, 1), expert
+        kind = EXPERTS[expert].kind
+        for name, size in IMAGES.items():
+            path = label_file(save, expert, photos.name, name)
+            assert kind.exists(path), path
+            with Image.open(path) as label:
+                assert label.size == size and label.mode == kind.mode(EXPERTS[expert].channels), path
+    assert not list(save.rglob("*.tmp"))
+
+
+def test_a_batch_gives_each_image_the_label_it_gets_alone(generated):
+    """a.jpg was labelled in one batch with b.jpg; alone it gets the same label up to
+    float rounding (a batched matrix product rounds differently: 3e-5 on the raw
+    depth here, one grey level on under 0.1% of pixels), and not b's label."""
+    photos, weights, save, _ = generated
+    network = generator_network("depth")
+    model = network.load(weights / "dpt_hybrid-midas-501f0c75.pt")
+    image = read_image(photos / "a.jpg")
+    with torch.no_grad():
+        (raw,) = network.predict(model, network.preprocess(image)[None])
+    alone = np.asarray(network.to_label(raw, image.size))
+    batched = {n: np.asarray(Image.open(label_file(save, "depth", photos.name, n))) for n in ("a.jpg", "b.jpg")}
+    moved = np.abs(batched["a.jpg"].astype(int) - alone)
+    assert moved.max() <= 1 and (moved > 0).mean() < 1e-3
+    assert (batched["b.jpg"] != alone).mean() > 0.1
+
+
+def test_the_datasets_read_the_labels_back_as_the_encoder_takes_them(generated):
+    photos, _, save, _ = generated
+    experts = label_networks()
+    config = {
+        "dataset": "demo",
+        "data_path": str(photos),
+        "label_path": str(save),
+        "experts": experts,
+        "image_resolution": 224,
+    }
+    _, images = create_dataset("caption", config)
+    loader = create_loader(images, batch_size=4, num_workers=0, train=False)
+    (batch, _index), *rest = list(loader)
+    assert not rest and loader.skipped == 1  # broken.jpg
+    inputs = paint(batch)
+    assert inputs["rgb"].shape == (3, 3, 224, 224)
+    for expert in experts:
+        e = EXPERTS[expert]
+        x = e.kind.stem_input(inputs[expert])
+        assert x.shape == (3, e.channels, 224, 224), expert
+        if not e.kind.painted:  # rescaled per image to [-1, 1], not constant
+            assert x.amin((1, 2, 3)).allclose(torch.tensor(-1.0)) and (x.amax((1, 2, 3)) > 0.9).all(), expert
