@@ -2,8 +2,8 @@
 
 Captions are scored with the official COCO caption toolkit (pycocoevalcap on
 top of pycocotools, with its Java PTB tokenizer and METEOR), so the numbers are
-comparable with the paper's. VQA accuracy follows the rules of the official
-VQA evaluation script (re-implemented here). Everything here is a plain
+comparable with the paper's. VQA accuracy is the official VQA evaluation
+script's (vqaEval.py) rule for rule, quirks included. Everything here is a plain
 function of result lists and annotation files: the training scripts gather,
 write and score with it; no model code.
 """
@@ -239,10 +239,19 @@ def nocaps_cider(results, gt_file: str | os.PathLike) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------ VQA
+# The official VQA evaluation, re-implemented rule for rule: VQAEval.evaluate,
+# processPunctuation and processDigitArticle of GT-Vision-Lab/VQA
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py (master; the code behind the
+# VQAv2 evaluation server). Its tables below are that file's data.
 
-_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')  # the official list: no apostrophe, colon or period
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')  # in its order: no apostrophe, colon or period
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# "(?!<=\d)" is a lookahead for the text "<=digit" (a mistyped lookbehind), always
+# true in front of a period: every period not followed by a digit goes.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official call is periodStrip.sub("", text, re.UNICODE): the flag lands in
+# the count position, so only the first int(re.UNICODE) == 32 such periods go.
+_PERIODS_STRIPPED = 32
 _NUMBER_WORDS = {
     "none": "0",
     "zero": "0",
@@ -257,79 +266,80 @@ _NUMBER_WORDS = {
     "nine": "9",
     "ten": "10",
 }
-_ARTICLES = {"a", "an", "the"}
-# The contractions the official script restores when written with one
-# apostrophe missing. Forms that are also ordinary words (its, well, ill, shell,
-# were, wed, id, lets) are not in its table; nor are the "I" forms, whose keys
-# there are capitalised and so never match the lower-cased answer.
-_CONTRACTIONS = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've "
-    "mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't "
-    "shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's "
-    "something'd something'd've something'll that's there'd there'd've there're there's they'd "
-    "they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's "
-    "where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't "
-    "wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
-).split()
+_ARTICLES = ("a", "an", "the")
+# The official contraction table, "key:value" in its order, as is: the
+# capitalised keys (Im, Ive, ...) never match the lower-cased words, and
+# somebody'd -> somebodyd runs backwards.
+_CONTRACTIONS = dict(
+    pair.split(":")
+    for pair in """
+    aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
+    couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
+    hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's
+    howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd
+    itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't
+    mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've
+    neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at
+    'ow'sat:'ow's'at shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've
+    shouldnt:shouldn't shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd
+    somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's
+    someoned:someone'd someoned've:someone'd've someone'dve:someone'd've someonell:someone'll
+    someones:someone's somethingd:something'd somethingd've:something'd've
+    something'dve:something'd've somethingll:something'll thats:that's thered:there'd
+    thered've:there'd've there'dve:there'd've therere:there're theres:there's theyd:they'd
+    theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas
+    wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll
+    whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's
+    whereve:where've whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll whos:who's
+    whove:who've whyll:why'll whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't
+    wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll
+    yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've
+    you'dve:you'd've youll:you'll youre:you're youve:you've
+    """.split()
+)
 
 
-def _one_apostrophe_dropped(word: str) -> Iterable[str]:
-    """`word` with one of its apostrophes left out (couldn't've -> couldnt've,
-    couldn'tve): the misspellings the official table lists."""
-    for i, c in enumerate(word):
-        if c == "'":
-            yield word[:i] + word[i + 1 :]
-
-
-_CONTRACTION_OF = {variant: word for word in _CONTRACTIONS for variant in _one_apostrophe_dropped(word)}
-# The official table has this entry backwards; kept so that scores match its.
-_CONTRACTION_OF["somebody'd"] = "somebodyd"
-
-
-def _strip_punctuation(text: str) -> str:
-    """The VQA script's punctuation rule: a mark next to a space (or any mark
-    in an answer holding a digit,digit number) is deleted, any other mark
-    becomes a space (t-shirt -> t shirt); periods go unless a digit follows."""
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+def process_punctuation(text: str) -> str:
+    """processPunctuation: a mark written next to a space is deleted, any other
+    becomes a space (t-shirt -> t shirt); in a text holding digit,digit every
+    mark is deleted (3,000 -> 3000); then periods not followed by a digit go
+    (10.5 stays), at most 32 of them."""
+    delete_all = _COMMA_STRIP.search(text) is not None
     out = text
     for p in _PUNCTUATION:
-        delete = delete_all or f"{p} " in text or f" {p}" in text
-        out = out.replace(p, "" if delete else " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+        next_to_space = p + " " in text or " " + p in text
+        out = out.replace(p, "" if delete_all or next_to_space else " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIODS_STRIPPED)
 
 
-def _digits_articles_contractions(text: str) -> str:
-    """Lower-case, number words to digits, articles dropped, contractions restored."""
-    words = (_NUMBER_WORDS.get(w, w) for w in text.lower().split())
-    return " ".join(_CONTRACTION_OF.get(w, w) for w in words if w not in _ARTICLES)
+def process_digit_article(text: str) -> str:
+    """processDigitArticle: lower-cased words, number words to digits, articles
+    dropped, contractions missing an apostrophe restored, single-spaced."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def normalize_answer(answer: str) -> str:
-    """A predicted answer in the form the official VQA evaluation compares."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles_contractions(_strip_punctuation(text))
-
-
-def _human_answers(answers: Sequence) -> list[str]:
-    """Human answers as the official script compares them: punctuation rule
-    applied only when the humans disagree, nothing else (the released
-    annotations are already normalised)."""
-    answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
-    if len(set(answers)) > 1:
-        answers = [_strip_punctuation(a) for a in answers]
-    return answers
+def _strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_question_accuracy(answer: str, human_answers: Sequence) -> float:
-    """The VQA accuracy of one answer: over the leave-one-human-out subsets
-    (10 choose 9 for VQAv2), the mean of min(#humans in the subset who gave
-    the answer / 3, 1)."""
-    pred = normalize_answer(answer)
-    humans = _human_answers(human_answers)
+    """The official accuracy of one answer, in [0, 1].
+
+    Answer and human answers lose newlines, tabs and outer spaces; only when
+    the humans disagree are all of them and the answer put through
+    `process_punctuation` and `process_digit_article` (against ten "2", "Two"
+    scores 0). Each human is left out in turn (the official script compares
+    answer records, which differ by answer_id) and the answer scores
+    min(#other humans who gave it / 3, 1); the mean is returned.
+    """
+    humans = [_strip(a["answer"] if isinstance(a, dict) else a) for a in human_answers]
+    pred = _strip(answer)
+    if len(set(humans)) > 1:
+        humans = [process_digit_article(process_punctuation(h)) for h in humans]
+        pred = process_digit_article(process_punctuation(pred))
     matches = sum(h == pred for h in humans)
-    per_subset = (min((matches - (h == pred)) / 3, 1.0) for h in humans)
-    return sum(per_subset) / len(humans)
+    return sum(min((matches - (h == pred)) / 3, 1.0) for h in humans) / len(humans)
 
 
 def load_vqa_annotations(path: str | os.PathLike) -> list[dict]:

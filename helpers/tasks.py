@@ -99,12 +99,13 @@ def vqa_evaluate(session, loader) -> dict:
     results = gather_results(results, "question_id")
     metrics = {}
     if accelerator.is_main_process:
-        write_vqa_results(results, out_dir / "vqa_submission.json")
+        submission = write_vqa_results(results, out_dir / "vqa_submission.json")
         truth = [
             {"question_id": e["question_id"], "answers": e["answer"]} for e in loader.dataset.data_list if "answer" in e
         ]
         if truth:  # a local split with answers (test-dev answers are on the evaluation server only)
-            metrics = {"eval/accuracy": vqa_accuracy(results, truth)["overall"]}
+            # scored from the written file, so the number is the one the submission gets
+            metrics = {"eval/accuracy": vqa_accuracy(submission, truth)["overall"]}
     session.model.train()
     return metrics
 

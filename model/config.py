@@ -70,10 +70,13 @@ class ModelConfig:
         if self.freeze not in FREEZE_MODES:
             raise ValueError(f"unknown freeze mode {self.freeze!r}; choose one of {FREEZE_MODES}")
         self.size = resolve_size(self.prismer_model)
+        # Any resolution: the grid is floor(resolution / patch) per side and the
+        # RGB patch conv (stride = kernel = patch) never sees the remainder, as
+        # officially (Large fine-tunes at 480 px: 34 x 34 patches of 14, last 4 px unseen).
         patch = self.size["vision"]["patch_size"]
-        if not isinstance(self.image_resolution, int) or self.image_resolution % patch:
+        if not isinstance(self.image_resolution, int) or self.image_resolution < patch:
             raise ValueError(
-                f"image_resolution {self.image_resolution!r} is not a multiple of the patch size {patch} "
+                f"image_resolution {self.image_resolution!r} is not an integer of at least the patch size {patch} "
                 f"of model {self.prismer_model if isinstance(self.prismer_model, str) else 'inline'}"
             )
 

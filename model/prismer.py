@@ -104,9 +104,10 @@ class Prismer(nn.Module):
         state = read_state_dict(source)
         if convert.POS_KEY not in state:
             raise CheckpointError(f"{source}: has no {convert.POS_KEY}, expected a Prismer checkpoint")
-        if "image_resolution" not in overrides:  # the checkpoint's own grid (480 px for fine-tuned base)
-            grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
-            cfg["image_resolution"] = grid * ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
+        grid = round(state[convert.POS_KEY].shape[0] ** 0.5)
+        patch = ModelConfig(cfg["prismer_model"], pretrained=False).vision["patch_size"]
+        if "image_resolution" not in overrides and cfg["image_resolution"] // patch != grid:
+            cfg["image_resolution"] = grid * patch  # the checkpoint's own grid, when not the official recipe's
         model = cls(cfg, tokenizer=tokenizer)
         convert.check_experts(state, model.config.experts, f"{name} ({source})")
         load_checked(model, convert.official_to_model(state, model), f"{name} ({source})")

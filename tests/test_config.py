@@ -17,7 +17,8 @@ def test_size_configs_are_found_from_any_working_directory(tmp_path, monkeypatch
     [
         ({"prismer_model": "prismer_medium"}, "unknown model size 'prismer_medium'"),
         ({"prismer_model": "prismer_base", "experts": ["depth", "sonar"]}, "unknown expert 'sonar'"),
-        ({"prismer_model": "prismer_base", "image_resolution": 250}, "250 is not a multiple of the patch size 16"),
+        ({"prismer_model": "prismer_base", "image_resolution": 8}, "8 is not an integer of at least the patch size 16"),
+        ({"prismer_model": "prismer_large", "image_resolution": 480.0}, "480.0 is not an integer"),
         ({"prismer_model": "prismer_large", "image_resolution": 224, "freeze": "freeze_all"}, "unknown freeze mode"),
         (
             {"prismer_model": {"vision": {"width": 64, "layers": 1, "patch_size": 16, "depth": 3}, "roberta": {}}},

@@ -302,3 +302,62 @@ def test_hf_clipmodel_format_of_the_hub_ids_loads(roberta_dir, tokenizer, tmp_pa
     model = pretrained_model((tmp_path,), roberta_dir, tokenizer)
     assert torch.equal(model.expert_encoder.conv1["rgb"].weight, clip.vision_model.embeddings.patch_embedding.weight)
     assert torch.equal(model.expert_encoder.ln_post.bias, clip.vision_model.post_layernorm.bias)
+
+
+# ------------------------------------------------- Prismer-Large's 480 px grid
+
+
+def large_shaped(tokenizer, resolution, experts=("depth", "obj_detection"), seed=0):
+    """A tiny model with Large's 14 px patches."""
+    size = tiny_size(len(tokenizer), WIDTH)
+    size["vision"]["patch_size"] = 14
+    torch.manual_seed(seed)
+    return PrismerCaption(
+        {"prismer_model": size, "experts": list(experts), "image_resolution": resolution, "pretrained": False},
+        tokenizer=tokenizer,
+    ).eval()
+
+
+@torch.no_grad()
+def test_480_px_on_14_px_patches_drops_the_last_4_px_as_the_official_conv_does(tokenizer):
+    model = large_shaped(tokenizer, 480)
+    assert model.expert_encoder.positional_embedding.shape == (34 * 34, WIDTH)  # floor(480 / 14) = 34 per side
+    x = random_experts(model.config.experts, 2, 480)
+
+    def encode(m, rgb):
+        torch.manual_seed(7)  # the instance-embedding rows are drawn per forward pass
+        return m.expert_encoder(x | {"rgb": rgb})
+
+    out = encode(model, x["rgb"])
+    assert out.shape[1] == 34 * 34 + 64
+    edge = x["rgb"].clone()
+    edge[:, :, 476:, :] = 5.0  # the last 4 rows and columns, 34 * 14 = 476 onwards
+    edge[:, :, :, 476:] = -5.0
+    assert torch.equal(encode(model, edge), out)
+    inside = x["rgb"].clone()
+    inside[:, :, 475, 475] += 1.0  # the last pixel the 34th patch covers
+    assert not torch.equal(encode(model, inside), out)
+    # the same weights at 476 px fed the 476 px crop: what the stride-14 conv sees
+    cropped = large_shaped(tokenizer, 476)
+    cropped.load_state_dict(model.state_dict())
+    assert torch.equal(encode(cropped, x["rgb"][:, :, :476, :476]), out)
+
+
+def test_official_large_checkpoint_loads_at_the_recipes_480_px(tokenizer, tmp_path):
+    size = tiny_size(len(tokenizer), WIDTH)
+    size["vision"]["patch_size"] = 14
+    for exported_at in (480, 476):  # a 34 x 34 grid either way
+        src = large_shaped(tokenizer, exported_at, experts=())
+        src.export_official(tmp_path / str(exported_at))
+        model = PrismerCaption.from_official(
+            "caption_prismerz_large", path=tmp_path / str(exported_at), tokenizer=tokenizer, prismer_model=size
+        )
+        assert model.config.image_resolution == 480  # the official fine-tuning recipe's, not 34 * 14
+        for k, v in src.state_dict().items():
+            assert torch.equal(v, model.state_dict()[k]), k  # the grid is loaded as is, not resized
+    pretrain = large_shaped(tokenizer, 224, experts=())
+    pretrain.export_official(tmp_path / "224")
+    model = PrismerCaption.from_official(
+        "pretrain_prismerz_large", path=tmp_path / "224", tokenizer=tokenizer, prismer_model=size
+    )
+    assert model.config.image_resolution == 224 and model.expert_encoder.positional_embedding.shape[0] == 16 * 16

@@ -1,8 +1,8 @@
 """Evaluation metrics against the official toolkits, on hand-made files.
 
 Caption scores are checked against pycocoevalcap's own scorers run directly
-on the same files (real Java tokenizer and METEOR); VQA accuracy against the
-standard metric worked out by hand; gathering in a real 2-process gloo run.
+on the same files (real Java tokenizer and METEOR); gathering in a real
+2-process gloo run. VQA accuracy is in test_vqa_scoring.py.
 """
 
 import json
@@ -24,11 +24,8 @@ from helpers.metrics import (
     format_caption,
     gather_results,
     nocaps_cider,
-    normalize_answer,
     spice_unavailable_reason,
-    vqa_accuracy,
     write_caption_results,
-    write_vqa_results,
 )
 
 REFERENCES = {
@@ -133,78 +130,6 @@ def test_nocaps_cider_per_domain(tmp_path):
     write_gt(gt_file, REFERENCES)  # no domains: the Karpathy file is not a NoCaps file
     with pytest.raises(ValueError, match="domain"):
         nocaps_cider(results_file, gt_file)
-
-
-@pytest.mark.parametrize(
-    "answer, normalised",
-    [
-        ("Two", "2"),
-        ("a dog", "dog"),
-        ("The  Dog ", "dog"),
-        ("isnt", "isn't"),
-        ("couldnt've", "couldn't've"),
-        ("yes.", "yes"),
-        ("Yes!", "yes"),
-        ("t-shirt", "t shirt"),
-        ("1,000", "1000"),
-        ("2.5", "2.5"),
-        ("none", "0"),
-    ],
-)
-def test_normalize_answer(answer, normalised):
-    assert normalize_answer(answer) == normalised
-
-
-def vqa_annotation(qid, answers, answer_type):
-    """One question in the official VQAv2 annotation layout."""
-    return {
-        "question_id": qid,
-        "answer_type": answer_type,
-        "question_type": "what",
-        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)],
-    }
-
-
-def test_vqa_accuracy_by_hand(tmp_path):
-    ann_file = tmp_path / "v2_mscoco_val2014_annotations.json"
-    ann_file.write_text(
-        json.dumps(
-            {
-                "annotations": [
-                    vqa_annotation(1, ["2"] * 3 + ["3"] * 7, "number"),
-                    vqa_annotation(2, ["dog"] * 2 + ["cat"] * 8, "other"),
-                    vqa_annotation(3, ["isn't"] * 10, "yes/no"),
-                    vqa_annotation(4, ["yes"] + ["no"] * 9, "yes/no"),
-                    vqa_annotation(5, ["red"] * 10, "other"),
-                ]
-            }
-        )
-    )
-    answers = {1: "Two", 2: "a dog", 3: "isnt", 4: "Yes.", 5: "blue"}
-    results_file = write_vqa_results([{"question_id": q, "answer": a} for q, a in answers.items()], tmp_path / "r.json")
-    # Each of the 10 leave-one-out subsets scores min(#matching humans / 3, 1):
-    # q1: 3 subsets see two "2" (2/3), 7 see three (1)  -> (3 * 2/3 + 7) / 10 = 0.9
-    # q2: 2 subsets see one "dog" (1/3), 8 see two (2/3) -> (2/3 + 16/3) / 10 = 0.6
-    # q3: "isnt" -> "isn't", 9 matches in every subset   -> 1
-    # q4: "Yes." -> "yes": 1 subset sees none, 9 see one -> 9 * 1/3 / 10 = 0.3
-    # q5: no match                                        -> 0
-    acc = vqa_accuracy(results_file, ann_file)
-    assert acc["overall"] == pytest.approx(100 * (0.9 + 0.6 + 1 + 0.3 + 0) / 5)
-    assert acc["per_answer_type"] == pytest.approx({"number": 90.0, "other": 30.0, "yes/no": 65.0})
-
-
-def test_vqa_submission_file(tmp_path):
-    path = write_vqa_results(
-        [{"question_id": 262148000, "answer": "yes"}, {"question_id": 5, "answer": 2}], tmp_path / "s.json"
-    )
-    assert json.loads(path.read_text()) == [
-        {"question_id": 262148000, "answer": "yes"},
-        {"question_id": 5, "answer": "2"},
-    ]
-    with pytest.raises(ValueError, match="more than once"):
-        write_vqa_results([{"question_id": 5, "answer": "a"}] * 2, tmp_path / "d.json")
-    with pytest.raises(ValueError, match="no annotation"):
-        vqa_accuracy([{"question_id": 6, "answer": "a"}], [vqa_annotation(5, ["a"] * 10, "other")])
 
 
 DATASET_SIZE = 5

@@ -18,6 +18,7 @@ import train_caption
 import train_pretrain
 import train_vqa
 from helpers.engine import TrainingStopped
+from helpers.metrics import vqa_accuracy
 from tests.conftest import tiny_size
 from tests.dataset_builders import coco_world
 
@@ -116,6 +117,26 @@ def test_vqa_epoch_runs_end_to_end(recipe):
     assert submission[0]["answer"] in ["red", "blue", "square"]
     train_vqa.main(args(recipe, "--exp_name", "gen", "--evaluate", "--set", "inference=generate"))
     assert json.loads((recipe[1] / "vqa_gen" / "vqa_submission.json").read_text())[0]["question_id"] == 7
+
+
+def test_vqa_evaluation_reports_what_the_submission_file_scores(recipe):
+    data = Path(yaml.safe_load(recipe[0].read_text())["data_path"])
+    test = json.loads((data / "vqav2_test.json").read_text())
+    humans = ["Red", "red.", "RED", "blue", "Blue", "square", "squares", "pink", "pink", "pink"]
+    test[0]["answer"] = humans  # a local split with its ten human answers
+    (data / "vqav2_test.json").write_text(json.dumps(test))
+    # split humans, normalised: red x3, blue x2, square x1 (as the official script treats them):
+    # red (3*2/3 + 7*1)/10 = 0.9, blue (2*1/3 + 8*2/3)/10 = 0.6, square (1*0 + 9*1/3)/10 = 0.3
+    by_hand = {"red": 90.0, "blue": 60.0, "square": 30.0}
+    for inference in ("rank", "generate"):
+        run = f"acc_{inference}"
+        metrics = train_vqa.main(args(recipe, "--exp_name", run, "--evaluate", "--set", f"inference={inference}"))
+        submission = recipe[1] / f"vqa_{run}" / "vqa_submission.json"
+        truth = [{"question_id": 7, "answers": humans}]
+        assert metrics["eval/accuracy"] == vqa_accuracy(submission, truth)["overall"]
+        if inference == "rank":
+            answer = json.loads(submission.read_text())[0]["answer"]
+            assert metrics["eval/accuracy"] == pytest.approx(by_hand[answer])
 
 
 def test_evaluation_runs_every_n_epochs_and_always_after_the_last(recipe):
