@@ -2,14 +2,17 @@
 two shapes (and a corrupt one), every network's weights in its official format in
 one folder, labels the datasets read back into the tensors the encoder takes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import generate_experts
 from common.labels import label_file
-from common.modalities import EXPERTS, label_networks
+from common.modalities import EXPERTS, PRISMER_EXPERTS, label_networks
 from dataset import create_dataset, create_loader, paint
 from dataset.files import read_image
 from experts import generator_network
@@ -22,8 +25,9 @@ IMAGES = {"a.jpg": (640, 480), "b.jpg": (640, 480), "sub/c.png": (300, 500)}
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
+    """Images in the official data layout (`data/vqav2/...`), so a training run reads them."""
     root = tmp_path_factory.mktemp("all")
-    photos, weights, save = root / "photos", root / "expert_weights", root / "labels"
+    photos, weights, save = root / "data" / "vqav2", root / "expert_weights", root / "labels"
     (photos / "sub").mkdir(parents=True)
     weights.mkdir()
     rng = np.random.default_rng(0)
@@ -92,3 +96,55 @@ def test_the_datasets_read_the_labels_back_as_the_encoder_takes_them(generated):
         assert x.shape == (3, e.channels, 224, 224), expert
         if not e.kind.painted:  # rescaled per image to [-1, 1], not constant
             assert x.amin((1, 2, 3)).allclose(torch.tensor(-1.0)) and (x.amax((1, 2, 3)) > 0.9).all(), expert
+
+
+def test_prismer_trains_on_the_labels_and_captions(generated, tokenizer, tmp_path):
+    """The labels made here are what a Prismer with every expert trains on: a few
+    steps through the engine (the loss falls on a repeated batch), then captions."""
+    from helpers.config import load_config
+    from helpers.engine import RunOptions, run
+    from helpers.tasks import CAPTION
+    from model import PrismerCaption
+    from tests.conftest import tiny_size
+
+    photos, _, save, _ = generated
+    experts = [e for e in PRISMER_EXPERTS if e in label_networks()]
+    data = photos.parent
+    names = sorted(IMAGES)
+    (data / "coco_karpathy_train.json").write_text(
+        json.dumps([{"image": n, "caption": f"a synthetic photo number {i}"} for i, n in enumerate(names * 4)])
+    )
+    (data / "coco_karpathy_test.json").write_text(json.dumps([{"image": n} for n in names]))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "prismer_model": tiny_size(len(tokenizer)),
+                "tokenizer": str(tmp_path / "tokenizer"),
+                "pretrained": False,
+                "experts": experts,
+                "data_path": str(data),
+                "label_path": str(save),
+                "image_resolution": 64,
+                "label_resolution": 64,
+                "batch_size_train": 3,
+                "batch_size_test": 3,
+                "num_workers": 0,
+                "max_epoch": 1,
+                "init_lr": 1e-3,
+                "max_length": 8,
+                "min_length": 2,
+                "tracker": None,
+                "output_dir": str(tmp_path / "out"),
+                "gt_file": str(tmp_path / "none.json"),  # captions written, not scored
+            }
+        )
+    )
+    first = run(CAPTION, load_config(recipe, overrides=["max_train_steps=1"]), RunOptions(exp_name="first"))
+    trained = run(CAPTION, load_config(recipe, overrides=["max_epoch=4"]), RunOptions(exp_name="trained"))
+    assert trained["train/loss_epoch"] < 0.9 * first["train/loss_epoch"]  # 130 -> 106 when written
+    folder = tmp_path / "out" / "caption_trained"
+    assert PrismerCaption.from_pretrained(folder / "final").config.experts == experts
+    captions = json.loads((folder / "caption_results_coco.json").read_text())
+    assert len(captions) == 3 and all(c["caption"] for c in captions)
