@@ -13,5 +13,5 @@ def generator_network(name: str):
     """The label network of expert `name` (its module imported on demand: networks are heavy)."""
     expert = EXPERTS[name]
     if expert.network is None:
-        raise NotImplementedError(f"no label network for {name!r} yet; implemented: {', '.join(label_networks())}")
+        raise NotImplementedError(f"no label network for {name!r}; label networks: {', '.join(label_networks())}")
     return importlib.import_module(f"experts.{expert.network}").Generator(name)

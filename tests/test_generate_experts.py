@@ -161,8 +161,8 @@ def test_a_folder_without_images_is_an_error(tmp_path):
 
 
 def test_an_expert_without_a_network_says_which_exist():
-    with pytest.raises(NotImplementedError, match="no label network for 'ocr_detection' yet; implemented: depth, edge"):
-        generator_network("ocr_detection")
+    with pytest.raises(NotImplementedError, match="no label network for 'rgb'; label networks: depth, normal, edge"):
+        generator_network("rgb")
 
 
 def test_two_images_claiming_one_label_file_are_reported_not_overwritten(folder, tmp_path, caplog):
