@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +55,15 @@ class ExpertReader:
         decoded `image`, for streamed shards)."""
         if image is None:
             image = read_image(self.image_path(dataset, image_name), self.transform.min_decode_side)
+        paths = {name: label_file(self.label_path, name, dataset, image_name) for name in self.experts}
+        return self.from_files(image, paths, rng)
+
+    def from_files(self, image: Image.Image, paths: dict, rng: random.Random) -> dict:
+        """The sample of a decoded image and its experts' label files (any paths;
+        an expert without one reads as having found nothing)."""
         labels, tables = {}, {}
         for name in self.experts:
-            labels[name], table = self._read_label(name, dataset, image_name, image.size)
+            labels[name], table = self._read_label(name, paths.get(name), image.size)
             if table is not None:
                 tables[name] = table
         out = self.transform(image, labels, rng)
@@ -64,10 +71,9 @@ class ExpertReader:
             out[name] = {"ids": out[name], "table": table}
         return out
 
-    def _read_label(self, name: str, dataset: str, image_name: str, size):
+    def _read_label(self, name: str, path, size):
         expert = EXPERTS[name]
-        path = label_file(self.label_path, name, dataset, image_name)
-        label, table = expert.kind.read(path, size, expert, self.spaces)
+        label, table = expert.kind.read(Path(path), size, expert, self.spaces) if path else (None, None)
         if label is None:
             self._report_absent(name, path)
             label, table = expert.kind.empty(size, expert, self.spaces)

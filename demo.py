@@ -1,0 +1,180 @@
+"""Caption (and question) a folder of photos with Prismer in one command.
+
+    python demo.py --images helpers/images                          # caption_prismer_base, fetched
+    python demo.py --images photos --model outputs/caption_world/final   # the quickstart's model
+    python demo.py --images photos --question "what is in the picture?" --vqa_model vqa_prismer_base
+
+For each photo the experts the model reads are run first (their labels go to
+`--labels`, official layout `helpers/labels/<expert>/<folder>/<photo>.png`;
+labels already there are reused, one expert in memory at a time), then the
+model captions it and, with `--question`, a VQA model answers. Output, written
+as a whole or not at all: `<out>/results.json` and `<out>/index.html`.
+A model is an official name (fetched from the hub, or `--model_file` for a
+local copy of its pytorch_model.bin) or a folder saved by this project
+(`final/` of a training run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common.labels import label_file
+from dataset.datasets import list_images
+from dataset.files import READ_ERRORS, read_image
+from helpers.engine import cli
+from helpers.labelling import LabelOptions, make_labels
+from helpers.processor import PrismerProcessor
+from model import PrismerCaption, PrismerVQA
+from model.convert import OFFICIAL_NAME
+from model.prismer import CONFIG_FILE
+
+log = logging.getLogger("demo")
+
+
+def load_model(source: str, cls, model_file: str | None = None):
+    """An official name (`caption_prismer_base`) or one of our checkpoint folders."""
+    task = "caption" if cls is PrismerCaption else "vqa"
+    name = OFFICIAL_NAME.match(source)
+    if name and not Path(source).exists():
+        if name[1] != task:
+            raise ValueError(f"{source} is a {name[1]} checkpoint; this needs a {task} one (e.g. {task}_prismer_base)")
+        return cls.from_official(source, path=model_file)
+    if (Path(source) / CONFIG_FILE).is_file():
+        return cls.from_pretrained(source)
+    raise FileNotFoundError(
+        f"model {source}: neither an official name ({{caption,vqa}}_{{prismer,prismerz}}_{{base,large}}) "
+        f"nor a folder with {CONFIG_FILE} (a training run's final/)"
+    )
+
+
+# What the official caption fine-tuning used (configs/caption.yaml); a run of ours records its own.
+CAPTION_SETTINGS = {
+    "label_resolution": 224,
+    "prefix": "A picture of",
+    "num_beams": 3,
+    "max_length": 20,
+    "min_length": 8,
+}
+
+
+def run_settings(source: str) -> dict:
+    """Labels at the resolution the model was trained with, and its caption settings: a
+    run's config.json beside its final/ folder says them; official models use the official ones."""
+    config = Path(source).parent / "config.json"
+    recorded = json.loads(config.read_text()) if config.is_file() else {}
+    return {k: recorded.get(k, v) for k, v in CAPTION_SETTINGS.items()}
+
+
+def write_page(folder: Path, results: list[dict]) -> None:
+    rows = []
+    for r in results:
+        answers = "".join(
+            f"<p><b>Q:</b> {html.escape(q)}<br><b>A:</b> {html.escape(a)}</p>" for q, a in r.get("answers", {}).items()
+        )
+        rows.append(
+            f'<div class="photo"><img src="{html.escape(r["thumbnail"])}" alt="{html.escape(r["image"])}">'
+            f"<h3>{html.escape(r['image'])}</h3><p>{html.escape(r['caption'])}</p>{answers}</div>"
+        )
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Prismer demo</title>'
+        "<style>body{font-family:sans-serif}.photo{display:inline-block;width:340px;vertical-align:top;margin:8px}"
+        "img{max-width:320px}</style></head><body><h1>Prismer demo</h1>" + "".join(rows) + "</body></html>"
+    )
+    (folder / "index.html").write_text(page, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", default="helpers/images", help="folder of photos (searched recursively)")
+    p.add_argument("--labels", default="helpers/labels", help="where expert labels are written and reused")
+    p.add_argument("--model", default="caption_prismer_base", help="official caption checkpoint name or our folder")
+    p.add_argument("--model_file", help="local copy of the official checkpoint file named by --model")
+    p.add_argument("--question", action="append", default=[], help="a question for every photo (repeatable)")
+    p.add_argument("--vqa_model", help="official VQA checkpoint name or our folder (needed by --question)")
+    p.add_argument("--vqa_model_file", help="local copy of the official file named by --vqa_model")
+    p.add_argument("--expert_weights", help="folder of the official expert weight files (default: the hub)")
+    p.add_argument("--out", default="demo_output", help="results folder (replaced as a whole)")
+    p.add_argument("--batch_size", type=int, default=4)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.question and not args.vqa_model:
+        raise ValueError(
+            "--question needs --vqa_model (a caption model does not answer questions), e.g. vqa_prismer_base"
+        )
+
+    images, labels = Path(args.images), Path(args.labels)
+    paths = list_images(images, "--images", exclude=labels)
+    captioner = load_model(args.model, PrismerCaption, args.model_file).eval()
+    answerer = load_model(args.vqa_model, PrismerVQA, args.vqa_model_file).eval() if args.vqa_model else None
+    experts = sorted(set(captioner.config.experts) | set(answerer.config.experts if answerer else []))
+    if experts:
+        make_labels(experts, images, labels, LabelOptions(weights=args.expert_weights, num_workers=0))
+
+    photos, names = [], []
+    for path in paths:
+        try:
+            photos.append(read_image(path))
+            names.append(path.relative_to(images).as_posix())
+        except READ_ERRORS as e:
+            log.warning("%s: unreadable image, skipped (%s: %s)", path, type(e).__name__, e)
+
+    sources = {captioner: args.model, answerer: args.vqa_model}
+    settings = {model: run_settings(source) for model, source in sources.items() if model is not None}
+    processors = {
+        model: PrismerProcessor.for_model(model, settings[model]["label_resolution"])
+        for model in (captioner, answerer)
+        if model is not None
+    }
+    caption = {k: v for k, v in settings[captioner].items() if k != "label_resolution"}
+
+    def inputs(model, batch: list[int]) -> dict:
+        files = [{e: label_file(labels, e, images.name, names[i]) for e in model.config.experts} for i in batch]
+        return processors[model]([photos[i] for i in batch], files)
+
+    results = [{"image": n, "caption": ""} for n in names]
+    with torch.no_grad():
+        for start in range(0, len(photos), args.batch_size):
+            batch = list(range(start, min(start + args.batch_size, len(photos))))
+            for i, text in zip(batch, captioner.generate(inputs(captioner, batch), **caption)):
+                results[i]["caption"] = text
+            for question in args.question if answerer else []:
+                answers = answerer.generate(inputs(answerer, batch), [question] * len(batch))
+                for i, answer in zip(batch, answers):
+                    results[i].setdefault("answers", {})[question] = answer
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for r, photo in zip(results, photos):
+            thumb = Path("photos") / (r["image"] + ".jpg")
+            (tmp / thumb).parent.mkdir(parents=True, exist_ok=True)
+            small = photo.copy()
+            small.thumbnail((640, 640))
+            small.save(tmp / thumb, quality=90)
+            r["thumbnail"] = thumb.as_posix()
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_page(tmp, results)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    skipped = len(paths) - len(photos)
+    print(f"\n{len(results)} captions ({skipped} unreadable photo(s) skipped): {out}/results.json, {out}/index.html")
+    return {"results": results, "skipped": skipped, "out": out}
+
+
+if __name__ == "__main__":
+    cli(main)
