@@ -240,6 +240,7 @@ def load_text_encoder(source: str | Path):
     """(CLIPTextModelWithProjection in eval mode, CLIPTokenizer) from a local folder (a
     CLIPModel or CLIPTextModelWithProjection save) or a hub id, fetched, failing at once offline."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = Path(source)
     if not folder.is_dir():
@@ -249,7 +250,13 @@ def load_text_encoder(source: str | Path):
         for name in CLIP_FILES:
             folder = hub_file(str(source), name, what).parent
         hub_first_file(str(source), WEIGHT_FILES, what)
-    model, info = CLIPTextModelWithProjection.from_pretrained(folder, output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the hub folder holds the whole CLIP: its vision keys are expected extras
+    try:
+        model, info = CLIPTextModelWithProjection.from_pretrained(folder, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    log.info("CLIP text encoder from %s (%d unused keys, the vision tower)", folder, len(info["unexpected_keys"]))
     if info["missing_keys"] or info["mismatched_keys"]:
         raise CheckpointError(
             f"{folder}: not a CLIP text encoder with projection: missing {sorted(info['missing_keys'])[:5]}, "
@@ -605,10 +612,10 @@ class Generator(LabelNetwork):
         self.model: OcrNetwork | None = None
 
     def load(self, weights: str | Path) -> OcrNetwork:
-        """CharNet from the official weight file, then the CLIP text encoder (`self.clip`)."""
-        charnet = load_charnet(weights)
+        """The CLIP text encoder (`self.clip`; first, so that a missing one fails at once),
+        then CharNet from the official weight file."""
         text, tokenizer = load_text_encoder(self.clip)
-        self.model = OcrNetwork(charnet, text, tokenizer)
+        self.model = OcrNetwork(load_charnet(weights), text, tokenizer).eval()
         return self.model
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
