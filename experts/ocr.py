@@ -39,7 +39,13 @@ the words it reads.
   would overflow).
 - The official run used fp16 autocast (CharNet) and an fp16 CLIP; in float32
   scores near the thresholds may fall the other way.
-- An image without words gives an all-255 map and no words (`no_text`).
+- An image without words gives an all-255 map and no words: `no_text(label)`
+  (equivalently `not label.words`) tells a driver to count it as "no text found".
+- Cost on the project's 2-core CPU, float32, one 480 x 480 input, measured once with
+  synthetic weights: CharNet forward 7.4-8.4 CPU-seconds (15-17 s wall on the busy
+  box); peak resident memory 1.7 GB with a ViT-L/14-sized text encoder loaded (1.5 GB
+  once loaded). Post-processing grows with the text found: random weights, whose
+  every cell is word foreground (14,400 boxes), take 4 CPU-seconds.
 """
 
 from __future__ import annotations
@@ -350,20 +356,20 @@ def polygon_nms(boxes_N9: np.ndarray, scores_NC: np.ndarray | None, iou_thresh: 
     lo, hi = quads.min(1), quads.max(1)
     new_boxes = np.zeros_like(boxes_N9)
     new_scores = None if scores_NC is None else np.zeros_like(scores_NC)
-    suppressed = np.zeros(len(boxes_N9), bool)
     order = boxes_N9[:, 8].argsort()[::-1]
+    # The boxes still in play, best first. One of zero area has IoU 0 with every box: it is
+    # never kept, never suppressed and suppresses nothing, so it is left out from the start.
+    queue = order[areas[order] > 0]
     keep = []
-    for pos, i in enumerate(order):
-        if suppressed[i]:
-            continue
-        rest = order[pos + 1 :][~suppressed[order[pos + 1 :]]]
+    while len(queue):
+        i, rest = queue[0], queue[1:]
         inter = np.zeros(len(rest))
         near = ~((lo[rest] > hi[i]).any(1) | (hi[rest] < lo[i]).any(1))  # bounding boxes overlap
         inter[near] = intersection_areas(quads[i], quads[rest[near]])
         union = areas[i] + areas[rest] - inter
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        suppressed[rest[(union > 0) & (iou > iou_thresh)]] = True
         neighbours = rest[iou > neighbour_iou]
+        queue = rest[~((union > 0) & (iou > iou_thresh))]
         if len(neighbours) == 0:
             continue
         group = np.append(neighbours, i)
@@ -624,7 +630,9 @@ class Generator(LabelNetwork):
         x_3HW = torch.from_numpy(np.asarray(resized, np.float32).transpose(2, 0, 1).copy()) / 255
         return (x_3HW - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
+    @torch.no_grad()
     def predict(self, model: OcrNetwork, x_B3HW: torch.Tensor) -> list[CharNetOutput]:
+        """Per image the probabilities and maps the official post-processing takes, on the CPU."""
         out = model.charnet(x_B3HW)
         probs = {k: out[k].float().softmax(1).cpu().numpy() for k in ("word_fg_logits", "char_fg_logits")}
         cls = out["char_cls_logits"].float().softmax(1).cpu().numpy()

@@ -80,6 +80,14 @@ def test_preprocessing_is_a_pil_480_resize_then_imagenet_normalisation():
     assert x.shape == (3, 480, 480)
     want = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
     assert torch.allclose(x, torch.tensor(want).view(3, 1, 1).expand(3, 480, 480), atol=1e-6)
+    # Black | white, 2 px wide, stretched bilinearly: output column 240 samples the source at
+    # x = (240 + 0.5) * 2 / 480 - 0.5 = 0.502, i.e. 0.502 * 255 = 128 (within PIL's rounding);
+    # column 200: x = 0.335, 85.5 (bicubic would give 76).
+    x = ocr.Generator().preprocess(Image.fromarray(np.array([[[0] * 3, [255] * 3]] * 2, np.uint8)))
+    red = x[0] * 0.229 + 0.485
+    assert abs(red[5, 240].item() - 128 / 255) <= 1 / 255
+    assert abs(red[5, 200].item() - 85.5 / 255) <= 1 / 255
+    assert red[5, 0].item() == pytest.approx(0, abs=1e-6) and red[5, 479].item() == pytest.approx(1, abs=1e-6)
 
 
 # ---- geometry, worked by hand ----------------------------------------------------------------
