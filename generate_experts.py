@@ -25,7 +25,7 @@ import logging
 from common.modalities import label_networks
 from helpers.distributed import PRECISIONS, stop_with_launcher
 from helpers.engine import cli
-from helpers.labelling import LabelOptions, make_labels, parse_experts
+from helpers.labelling import LabelOptions, make_labels, parse_experts, parse_network_options
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -39,11 +39,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--mixed_precision", default="no", choices=PRECISIONS, help="the official labels used fp16 (GPU)")
+    p.add_argument(
+        "--network_option",
+        action="append",
+        default=[],
+        metavar="EXPERT.KEY=VALUE",
+        help="an option of one expert's network, e.g. ocr_detection.clip=DIR (a local CLIP text encoder), "
+        "ocr_detection.lexicon=GenericVocabulary.txt",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     stop_with_launcher()
 
-    opts = LabelOptions(args.weights, args.batch_size, args.num_workers, args.mixed_precision)
+    opts = LabelOptions(
+        args.weights,
+        args.batch_size,
+        args.num_workers,
+        args.mixed_precision,
+        parse_network_options(args.network_option),
+    )
     return make_labels(args.expert, args.data_path, args.save_path, opts)
 
 

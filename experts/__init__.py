@@ -9,9 +9,10 @@ import importlib
 from common.modalities import EXPERTS, label_networks
 
 
-def generator_network(name: str):
-    """The label network of expert `name` (its module imported on demand: networks are heavy)."""
+def generator_network(name: str, **options):
+    """The label network of expert `name` (its module imported on demand: networks are heavy);
+    `options` go to its Generator (e.g. OCR's `clip` text encoder and `lexicon`)."""
     expert = EXPERTS[name]
     if expert.network is None:
         raise NotImplementedError(f"no label network for {name!r}; label networks: {', '.join(label_networks())}")
-    return importlib.import_module(f"experts.{expert.network}").Generator(name)
+    return importlib.import_module(f"experts.{expert.network}").Generator(name, **options)

@@ -594,11 +594,6 @@ def word_map(words: list[Word], size: tuple[int, int]) -> tuple[np.ndarray, list
     return ids, texts
 
 
-def no_text(label: Words) -> bool:
-    """True when the OCR expert found no word in the image (an all-255 map, no record)."""
-    return not label.words
-
-
 class Generator(LabelNetwork):
     """OCR labels as `experts/generate_ocrdet.py` writes them (the protocol in experts/network.py).
 

@@ -18,7 +18,7 @@ import logging
 import resource
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,14 @@ from model.convert import OFFICIAL_REPO
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("already done", "written", "corrupt (skipped)", "name taken (skipped)", "input label missing (skipped)")
+COUNTS = (
+    "already done",
+    "written",
+    "found nothing",
+    "corrupt (skipped)",
+    "name taken (skipped)",
+    "input label missing (skipped)",
+)
 
 
 class Images(torch.utils.data.Dataset):
@@ -65,13 +72,25 @@ def parse_experts(value: str) -> list[str]:
     return names
 
 
-def in_dependency_order(names: list[str]) -> list[str]:
+def parse_network_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """`EXPERT.KEY=VALUE` strings to {expert: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        expert, dot, key = target.partition(".")
+        if not (sep and dot and key) or expert not in label_networks():
+            raise ValueError(f"network option {item!r} is not EXPERT.KEY=VALUE with EXPERT one of {label_networks()}")
+        out.setdefault(expert, {})[key] = value
+    return out
+
+
+def in_dependency_order(names: list[str], options: dict) -> list[str]:
     """`names` with every expert after the experts whose labels it reads."""
     ordered: list[str] = []
 
     def visit(name: str) -> None:
         if name not in ordered:
-            for needed in generator_network(name).uses_labels:
+            for needed in generator_network(name, **options.get(name, {})).uses_labels:
                 if needed in names:
                     visit(needed)
             ordered.append(name)
@@ -121,11 +140,13 @@ class LabelOptions:
     batch_size: int = 8
     num_workers: int = 2
     mixed_precision: str = "no"
+    # Per expert, keyword options of its network (e.g. {"ocr_detection": {"clip": "path/to/clip"}}).
+    network_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def generate(expert: str, opts: LabelOptions, accelerator, paths: list[Path], root: Path, save: Path, several: bool):
     """One expert's labels for this process's share of `paths`; its counts (not yet summed)."""
-    network = generator_network(expert)
+    network = generator_network(expert, **opts.network_options.get(expert, {}))
     kind = EXPERTS[expert].kind
     out = {q: label_file(save, expert, root.name, q.relative_to(root).as_posix()) for q in paths}
     paths, taken = claimed_once(paths, out)
@@ -170,7 +191,9 @@ def generate(expert: str, opts: LabelOptions, accelerator, paths: list[Path], ro
             with torch.no_grad(), accelerator.autocast():
                 raws = network.predict(model, x_BCHW)
             for (_, size, i), raw in zip(batch, raws):
-                kind.write(out[mine[i]], network.to_label(raw, size, **inputs[mine[i]]))
+                label = network.to_label(raw, size, **inputs[mine[i]])
+                kind.write(out[mine[i]], label)
+                counts["found nothing"] += kind.found_nothing(label)
             counts["written"] += len(batch)
             bar.update(len(batch))
 
@@ -214,7 +237,7 @@ def make_labels(experts: list[str], data_path: str | Path, save_path: str | Path
     paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
     accelerator = make_accelerator(opts.mixed_precision)
     totals = {}
-    for expert in in_dependency_order(experts):
+    for expert in in_dependency_order(experts, opts.network_options):
         counts = generate(expert, opts, accelerator, paths, root, save, several=len(experts) > 1)
         totals[expert] = summarise(expert, counts, accelerator, len(paths))
     if accelerator.is_main_process:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import string
 from pathlib import Path
 
 import torch
@@ -42,3 +43,38 @@ def write_official(expert: str, folder: Path) -> Path:
     else:  # a flat state_dict
         torch.save(state, path)
     return path
+
+
+CHARSET = [c for c in string.printable if c.strip()]
+
+
+def write_tiny_clip(folder: Path) -> dict[str, int]:
+    """A tiny CLIP (text + vision, as the hub folder holds) saved in `folder`, with a
+    character-level BPE tokenizer: each character a token, the last one of a word with
+    `</w>`; end-of-text is the highest id. Returns the vocabulary."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    vocab = {c: i for i, c in enumerate(CHARSET)}
+    vocab |= {c + "</w>": len(CHARSET) + i for i, c in enumerate(CHARSET)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    text = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=768,
+        bos_token_id=vocab["<|startoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        eos_token_id=2,  # as openai/clip-vit-large-patch14's config: end-of-text found by argmax of the ids
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=768)
+    ).save_pretrained(folder)
+    return vocab

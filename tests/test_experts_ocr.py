@@ -3,7 +3,6 @@
 
 import json
 import math
-import string
 import time
 
 import numpy as np
@@ -17,8 +16,10 @@ from common.files import CheckpointError
 from common.hub import DownloadError
 from common.label_space import DEFAULT_PATH, SAFETENSORS_NAME
 from common.labels import OCR, read_ocr_record
+from common.modalities import EXPERTS
 from experts import ocr
 from tests.conftest import FIXTURES, synthetic_weights
+from tests.expert_files import write_tiny_clip
 
 PARITY = FIXTURES / "experts" / "parity_ocr_detection.safetensors"
 TOL = 1e-5  # relative; a float32 reimplementation reaches ~2e-6
@@ -280,40 +281,11 @@ def test_at_most_255_words_the_highest_scored():
 
 # ---- CLIP word features ----------------------------------------------------------------------
 
-CHARSET = [c for c in string.printable if c.strip()]
-
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A CLIP (text + vision, as the hub folder holds) with a character-level BPE tokenizer:
-    each character a token, the last one of a word with `</w>`; end-of-text is the highest id."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
-
     folder = tmp_path_factory.mktemp("clip")
-    vocab = {c: i for i, c in enumerate(CHARSET)}
-    vocab |= {c + "</w>": len(CHARSET) + i for i, c in enumerate(CHARSET)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
-    text = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=768,
-        bos_token_id=vocab["<|startoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        eos_token_id=2,  # as openai/clip-vit-large-patch14's config: end-of-text found by argmax of the ids
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
-    )
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=768)
-    ).save_pretrained(folder)
-    return folder, vocab
+    return folder, write_tiny_clip(folder)
 
 
 def reference_features(folder, vocab, tokens: list[str]) -> torch.Tensor:
@@ -339,7 +311,7 @@ def test_to_label_gives_the_words_with_their_clip_features(generator, tiny_clip,
         got = label.words[i]["features"]
         assert got.shape == (64,) and got.dtype == torch.float32
         assert torch.allclose(got, reference_features(folder, vocab, tokens), atol=1e-5)
-    assert not ocr.no_text(label)
+    assert not EXPERTS["ocr_detection"].kind.found_nothing(label)
     OCR.write(tmp_path / "a.png", label)  # the kind writes it as it comes
     record = read_ocr_record(tmp_path / "a")
     assert record[1]["text"] == "hi" and torch.allclose(record[1]["features"], label.words[1]["features"])
@@ -362,7 +334,7 @@ def test_an_image_without_text_gives_an_empty_map_and_no_words(generator):
     raw.word_fg_hw[:] = 0.3
     label = generator.to_label(raw, (50, 30))
     assert label.ids.shape == (30, 50) and (label.ids == 255).all() and label.words == {}
-    assert ocr.no_text(label)
+    assert EXPERTS["ocr_detection"].kind.found_nothing(label)
 
 
 def test_predict_gives_probabilities_per_image(generator):

@@ -16,7 +16,7 @@ from common.modalities import EXPERTS, PRISMER_EXPERTS, label_networks
 from dataset import create_dataset, create_loader, paint
 from dataset.files import read_image
 from experts import generator_network
-from tests.expert_files import write_official
+from tests.expert_files import write_official, write_tiny_clip
 
 # name -> (W, H): two landscape images share an input shape at every network (one
 # batch of 2), the portrait one is alone in its batch at the networks that keep the aspect.
@@ -38,7 +38,9 @@ def generated(tmp_path_factory):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     for expert in label_networks():
         write_official(expert, weights)
+    write_tiny_clip(root / "clip")  # OCR's word encoder (CLIP ViT-L/14 text is not downloadable here)
     argv = ["--expert", "all", "--data_path", str(photos), "--save_path", str(save), "--weights", str(weights)]
+    argv += ["--network_option", f"ocr_detection.clip={root / 'clip'}"]
     totals = generate_experts.main([*argv, "--batch_size", "2", "--num_workers", "0"])
     return photos, weights, save, totals
 

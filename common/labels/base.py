@@ -50,6 +50,10 @@ class LabelKind:
         """Write the kind's in-memory label (see each kind) atomically."""
         raise NotImplementedError
 
+    def found_nothing(self, label) -> bool:
+        """True when a label (in memory) says the expert found nothing: no object, no word."""
+        return False
+
     def exists(self, path: Path) -> bool:
         """A finished label is on disk (its PNG is written last)."""
         return path.is_file()

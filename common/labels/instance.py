@@ -72,6 +72,9 @@ class InstanceMap(LabelKind):
         table = spaces.tables[SPACE]
         return Image.new("L", size, NONE_ID), table[-1].expand(256, -1)
 
+    def found_nothing(self, label: Instances) -> bool:
+        return not label.classes
+
     def write(self, path: Path, label: Instances) -> None:
         """The JSON first, the PNG last: a PNG on disk means the label is complete."""
         ids = check_ids_array(label.ids, path)

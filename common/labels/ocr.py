@@ -129,6 +129,9 @@ class OcrWords(LabelKind):
     def empty(self, size, expert, spaces):
         return Image.new("L", size, NONE_ID), spaces.background.expand(256, -1)
 
+    def found_nothing(self, label: Words) -> bool:
+        return not label.words
+
     def write(self, path: Path, label: Words) -> None:
         """The record first, the PNG last: a PNG on disk means the label is complete.
         An image without words gets an all-255 map and no record."""
