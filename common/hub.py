@@ -14,6 +14,9 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants, hf_hub_download
 
+# The hub repo of the official Prismer checkpoints and expert weights.
+OFFICIAL_REPO = "shikunl/prismer"
+
 
 class DownloadError(RuntimeError):
     pass
@@ -21,7 +24,12 @@ class DownloadError(RuntimeError):
 
 def _hub_reachable(timeout: float = 3.0) -> str | None:
     """None if the hub endpoint accepts a connection, else the reason."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", constants.ENDPOINT))
+    return reachable(os.environ.get("HF_ENDPOINT", constants.ENDPOINT), timeout)
+
+
+def reachable(address: str, timeout: float = 3.0) -> str | None:
+    """None if the host of URL `address` accepts a connection, else the reason."""
+    url = urlparse(address)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=timeout):

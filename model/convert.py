@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from common.files import CheckpointError, atomic_write, reason
-from common.hub import hub_file, hub_first_file
+from common.hub import OFFICIAL_REPO, hub_file, hub_first_file
 from common.modalities import EXPERTS, PRISMER_EXPERTS
 from common.weights import WEIGHT_FILES, load_checked, read_state_dict, weights_file
 from model.layers import resize_pos_embed
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_REPO = "shikunl/prismer"
 OFFICIAL_NAME = re.compile(r"^(pretrain|caption|vqa)_(prismerz?)_(base|large)$")
 POS_KEY = "expert_encoder.positional_embedding"
 

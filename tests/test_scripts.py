@@ -15,7 +15,7 @@ def test_download_offline_says_what_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(DownloadError, match="vqa_prismerz_large/pytorch_model.bin"):
         download_checkpoints.main(["vqa_prismerz_large", "--out", str(tmp_path)])
-    assert not any(tmp_path.rglob("*.tmp"))
+    assert not any(tmp_path.rglob("*.part"))
 
 
 def test_download_keeps_existing_files(tmp_path):
