@@ -31,7 +31,7 @@ from common.labels import label_file
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, read_image
 from helpers.engine import cli
-from helpers.labelling import LabelOptions, make_labels
+from helpers.labelling import LabelOptions, make_labels, parse_network_options
 from helpers.processor import PrismerProcessor
 from model import PrismerCaption, PrismerVQA
 from model.convert import OFFICIAL_NAME
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vqa_model", help="official VQA checkpoint name or our folder (needed by --question)")
     p.add_argument("--vqa_model_file", help="local copy of the official file named by --vqa_model")
     p.add_argument("--expert_weights", help="folder of the official expert weight files (default: the hub)")
+    p.add_argument(
+        "--network_option", action="append", default=[], metavar="EXPERT.KEY=VALUE", help="as in generate_experts.py"
+    )
     p.add_argument("--out", default="demo_output", help="results folder (replaced as a whole)")
     p.add_argument("--batch_size", type=int, default=4)
     args = p.parse_args(argv)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     answerer = load_model(args.vqa_model, PrismerVQA, args.vqa_model_file).eval() if args.vqa_model else None
     experts = sorted(set(captioner.config.experts) | set(answerer.config.experts if answerer else []))
     if experts:
-        make_labels(experts, images, labels, LabelOptions(weights=args.expert_weights, num_workers=0))
+        options = parse_network_options(args.network_option)
+        make_labels(experts, images, labels, LabelOptions(args.expert_weights, num_workers=0, network_options=options))
 
     photos, names = [], []
     for path in paths:
