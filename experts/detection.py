@@ -44,13 +44,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, nms, roi_align
 
 from common.files import CheckpointError, load_safetensors, load_torch
 from common.labels.instance import Instances
@@ -422,9 +423,10 @@ class CascadeROIHeads(nn.Module):
         """Cascade stage k on per-image boxes: class logits (R, 723) and box deltas (R, 4)."""
         return self.box_predictor[k](self.box_head[k](self.pool(features, boxes)))
 
-    def forward(self, features, proposals: list[Proposals], image_hw: tuple[int, int]) -> list[Detections]:
-        """Each stage refines the previous stage's boxes (clipped); scores are the
-        sigmoid of each stage's logits, averaged; boxes are the last stage's."""
+    def boxes_and_scores(self, features, proposals: list[Proposals], image_hw: tuple[int, int]):
+        """Per image: the last stage's boxes (R, 4) and the class scores (R, 723). Each stage
+        refines the previous stage's boxes (clipped); the scores are the sigmoid of each
+        stage's logits, averaged over the stages."""
         boxes = [p.boxes_N4 for p in proposals]
         counts = [len(b) for b in boxes]
         probs = []
@@ -433,21 +435,37 @@ class CascadeROIHeads(nn.Module):
             refined = apply_deltas(deltas, torch.cat(boxes), weights).split(counts)
             probs.append(logits.float().sigmoid())
             boxes = [clip(b, image_hw) for b in refined]  # the next stage's proposals
-        scores = (sum(probs) * (1.0 / len(CASCADE_WEIGHTS))).split(counts)
-        return [fast_rcnn_inference(b, s, image_hw) for b, s in zip(refined, scores)]
+        return list(zip(refined, (sum(probs) * (1.0 / len(CASCADE_WEIGHTS))).split(counts)))
+
+    def forward(self, features, proposals: list[Proposals], image_hw: tuple[int, int]) -> list[Detections]:
+        return [fast_rcnn_inference(b, s, image_hw) for b, s in self.boxes_and_scores(features, proposals, image_hw)]
 
 
-def fast_rcnn_inference(boxes_R4: torch.Tensor, scores_RC: torch.Tensor, image_hw: tuple[int, int]) -> Detections:
+def nms_per_class(boxes_N4: torch.Tensor, scores_N: torch.Tensor, classes_N: torch.Tensor, thresh: float):
+    """torchvision's batched_nms as it runs here (one nms per class, boxes in index order;
+    kept indices by descending score), without scanning all pairs once per class: with
+    random weights ~1e5 (box, class) pairs pass the threshold and that scan takes seconds."""
+    order = torch.argsort(classes_N, stable=True)
+    keep = torch.zeros_like(classes_N, dtype=torch.bool)
+    for members in torch.split(order, torch.unique_consecutive(classes_N[order], return_counts=True)[1].tolist()):
+        keep[members[nms(boxes_N4[members], scores_N[members], thresh)]] = True
+    kept = torch.nonzero(keep).squeeze(1)
+    return kept[scores_N[kept].sort(descending=True)[1]]
+
+
+def fast_rcnn_inference(
+    boxes_R4: torch.Tensor, scores_RC: torch.Tensor, image_hw: tuple[int, int], score_thresh: float = SCORE_THRESH
+) -> Detections:
     """detectron2's fast_rcnn_inference + detector_postprocess at scale 1: every
-    (box, class) pair scoring above 0.5 (background column dropped), NMS 0.5 within each
-    class, the best 300, empty boxes dropped."""
+    (box, class) pair scoring above the threshold (background column dropped), NMS 0.5
+    within each class, the best 300, empty boxes dropped."""
     valid = torch.isfinite(boxes_R4).all(dim=1) & torch.isfinite(scores_RC).all(dim=1)
     boxes_R4, scores_RC = boxes_R4[valid], scores_RC[valid, :-1]
     boxes_R4 = clip(boxes_R4, image_hw)
-    candidates = scores_RC > SCORE_THRESH
+    candidates = scores_RC > score_thresh
     pairs = candidates.nonzero()
     boxes, scores, classes = boxes_R4[pairs[:, 0]], scores_RC[candidates], pairs[:, 1]
-    keep = batched_nms(boxes.float(), scores, classes, NMS_THRESH)[:DETECTIONS_PER_IMAGE]
+    keep = nms_per_class(boxes.float(), scores, classes, NMS_THRESH)[:DETECTIONS_PER_IMAGE]
     boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
     keep = nonempty(boxes)
     return Detections(boxes[keep], scores[keep], classes[keep], image_hw)
@@ -530,25 +548,35 @@ def resized_depth(path: str | Path, image_hw: tuple[int, int]) -> torch.Tensor:
     return torch.tensor(np.array(depth)).float() / 255.0
 
 
-def _rect(box: list[float], hw: tuple[int, int]) -> tuple[range, range]:
-    """The rows and columns `mask[int(y1):int(y2), int(x1):int(x2)]` selects."""
-    x1, y1, x2, y2 = box
-    return range(hw[0])[int(y1) : int(y2)], range(hw[1])[int(x1) : int(x2)]
+class Rect(NamedTuple):
+    """Rows y0:y1 and columns x0:x1 of the map (y1 >= y0, x1 >= x0; empty if equal)."""
 
+    y0: int
+    y1: int
+    x0: int
+    x1: int
 
-def _overlap(a: tuple[range, range], b: tuple[range, range]) -> tuple[range, range]:
-    rows = range(max(a[0].start, b[0].start), min(a[0].stop, b[0].stop))
-    cols = range(max(a[1].start, b[1].start), min(a[1].stop, b[1].stop))
-    return (rows, cols) if len(rows) and len(cols) else (range(0), range(0))
+    @classmethod
+    def of_box(cls, box: list[float], hw: tuple[int, int]) -> Rect:
+        """What `mask[int(y1):int(y2), int(x1):int(x2)]` selects."""
+        rows, cols = range(hw[0])[int(box[1]) : int(box[3])], range(hw[1])[int(box[0]) : int(box[2])]
+        return cls(rows.start, max(rows.start, rows.stop), cols.start, max(cols.start, cols.stop))
 
+    @property
+    def area(self) -> int:
+        return (self.y1 - self.y0) * (self.x1 - self.x0)
 
-def _area(r: tuple[range, range]) -> int:
-    return len(r[0]) * len(r[1])
+    def overlap(self, other: Rect) -> Rect:
+        y0, x0 = max(self.y0, other.y0), max(self.x0, other.x0)
+        return Rect(y0, max(y0, min(self.y1, other.y1)), x0, max(x0, min(self.x1, other.x1)))
 
+    def within(self, outer: Rect) -> tuple[slice, slice]:
+        """This rectangle's place in an array covering `outer`."""
+        return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)
 
-def _within(inner: tuple[range, range], outer: tuple[range, range]) -> tuple[slice, slice]:
-    """`inner`'s place in a tensor covering `outer`."""
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
 def get_mask_labels(
@@ -559,50 +587,51 @@ def get_mask_labels(
 
     Each mask is a rectangle, so the official full-image mask arithmetic is done on
     rectangles and on each working mask's own rectangle (a working mask only ever loses
-    pixels inside its rectangle); the integer counts and the float32 mean depths are
-    computed as the official code does, so every decision is the same.
+    pixels inside its rectangle; its values are small integers, exact in any order); the
+    IoU ratios and the mean depths are float32 as in the official code, so every decision
+    is the same.
     1. In score order, a box whose rectangle has IoU > 0.95 with a kept one is dropped.
     2. For each kept pair i < j (changes accumulate): a rectangle inside the other is in
        front of it; otherwise the one with the larger mean depth (nearer) keeps the overlap.
     3. Instances paint in order, later over earlier, where their working mask is > 0."""
     hw = tuple(depth_HW.shape)
-    rects: list[tuple[range, range]] = []
+    rects: list[Rect] = []
     classes: list[int] = []
     for box, cls in zip(boxes_N4.tolist(), classes_N.tolist()):
-        rect = _rect(box, hw)
+        rect = Rect.of_box(box, hw)
         if rects:
-            inter = torch.tensor([_area(_overlap(rect, r)) for r in rects])
-            union = torch.tensor([_area(rect) + _area(r) for r in rects]) - inter
-            if (inter / union > DUPLICATE_IOU).any():  # float32, as the official ratio of two sums
+            inter = torch.tensor([rect.overlap(r).area for r in rects])
+            union = torch.tensor([rect.area + r.area for r in rects]) - inter
+            if (inter / union > DUPLICATE_IOU).any():  # int64 / int64: float32, as the official ratio
                 continue
         rects.append(rect)
         classes.append(cls)
 
     mean_depth = []
-    for rect in rects:
-        mask = torch.zeros_like(depth_HW)
-        mask[rect[0].start : rect[0].stop, rect[1].start : rect[1].stop] = 1
-        mean_depth.append(((depth_HW * mask).sum() / mask.sum()).item())
-    work = [torch.ones((len(r[0]), len(r[1])), dtype=depth_HW.dtype) for r in rects]
+    mask = torch.zeros_like(depth_HW)
+    for rect in rects:  # the official full-image float32 sum (its rounding), over the exact count
+        mask[rect.slices] = 1
+        mean_depth.append(((depth_HW * mask).sum() / rect.area).item())
+        mask[rect.slices] = 0
+    work = [np.ones((r.y1 - r.y0, r.x1 - r.x0), np.float32) for r in rects]
     for i in range(len(rects) - 1):
         for j in range(i + 1, len(rects)):
-            inter = _overlap(rects[i], rects[j])
-            if not _area(inter):
+            inter = rects[i].overlap(rects[j])
+            if not inter.area:
                 continue
-            if _area(inter) == _area(rects[i]):  # i inside j
-                work[j][_within(rects[i], rects[j])] -= work[i]
-            elif _area(inter) == _area(rects[j]):  # j inside i
-                work[i][_within(rects[j], rects[i])] -= work[j]
+            if inter.area == rects[i].area:  # i inside j
+                work[j][rects[i].within(rects[j])] -= work[i]
+            elif inter.area == rects[j].area:  # j inside i
+                work[i][rects[j].within(rects[i])] -= work[j]
             elif mean_depth[i] > mean_depth[j]:  # i nearer
-                work[j][_within(inter, rects[j])] -= 1
+                work[j][inter.within(rects[j])] -= 1
             elif mean_depth[i] < mean_depth[j]:
-                work[i][_within(inter, rects[i])] -= 1
+                work[i][inter.within(rects[i])] -= 1
 
-    final_HW = torch.full(hw, 255.0, dtype=depth_HW.dtype)
-    for i, (rect, mask) in enumerate(zip(rects, work)):
-        region = final_HW[rect[0].start : rect[0].stop, rect[1].start : rect[1].stop]
-        region.masked_fill_(mask > 0, i)
-    return final_HW, dict(enumerate(classes))
+    final_HW = np.full(hw, 255, np.float32)
+    for i, (rect, mask_i) in enumerate(zip(rects, work)):
+        final_HW[rect.slices][mask_i > 0] = i
+    return torch.from_numpy(final_HW), dict(enumerate(classes))
 
 
 def instance_label(final_HW: torch.Tensor, classes: dict[int, int], size: tuple[int, int]) -> Instances:
