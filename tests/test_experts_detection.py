@@ -230,6 +230,20 @@ def test_cascade_stages_on_the_stored_proposals_match(model, features, ref):
         compare(ref, f"roi.stage{k}.pred_boxes", detection.apply_deltas(deltas, boxes, weights), 1e-2)
 
 
+def test_boxes_pool_from_the_level_of_their_size():
+    """Level floor(4 + log2(sqrt(area) / 224)) clamped to 3..5: constant maps (p3 = 3, p4 = 4,
+    p5 = 5 for image 0, +10 for image 1) show which level and image each box was pooled
+    from (the parity image has only p3 boxes)."""
+    features = {f"p{i}": torch.full((2, 1, 2048 >> i, 2048 >> i), float(i)) for i in (3, 4, 5)}
+    for x in features.values():
+        x[1] += 10
+    sides = [(8, 8), (223, 224), (224, 224), (447, 448), (448, 448), (2000, 2000)]
+    boxes = torch.tensor([[10, 20, 10 + w, 20 + h] for w, h in sides], dtype=torch.float32)
+    pooled = detection.CascadeROIHeads.pool(features, [boxes[:2], boxes[2:]])
+    assert pooled.shape == (6, 1, 7, 7)
+    assert pooled.amax((1, 2, 3)).tolist() == pooled.amin((1, 2, 3)).tolist() == [3, 3, 14, 14, 15, 15]
+
+
 def assert_same_detections(ours: Detections, tensors, case: str):
     """Matched by class and IoU > 0.99, scores within 1e-5, in both directions, except
     where a score is within MARGIN of the threshold or of the top-300 cut."""
@@ -322,6 +336,14 @@ def test_a_hand_worked_case_containment_depth_order_and_a_duplicate():
     assert final.tolist() == want and classes == {0: 5, 1: 7, 2: 11}
     label = detection.instance_label(final, classes, (20, 12))  # NEAREST x2
     assert np.array_equal(label.ids, np.repeat(np.repeat(np.array(want, np.uint8), 2, 0), 2, 1))
+
+
+def test_only_a_rectangle_iou_above_095_is_a_duplicate():
+    """On a 1x40 map: B covers 39 of A's 40 pixels (IoU 0.975): dropped; C covers 38
+    (IoU exactly 0.95): kept, and in front of A, which contains it."""
+    boxes = torch.tensor([[0, 0, 40, 1], [0, 0, 39, 1], [0, 0, 38.9, 1.5]])
+    final, classes = detection.get_mask_labels(torch.zeros(1, 40), boxes, torch.tensor([1, 2, 3]))
+    assert classes == {0: 1, 1: 3} and final[0].tolist() == [1] * 38 + [0, 0]
 
 
 def test_ids_from_255_on_vanish_from_the_map_but_keep_their_class():
