@@ -4,8 +4,8 @@ are the official get_mask_labels'.
 
 The full-size synthetic weights (~121M parameters, ~0.5 GB) are built once for the module
 (~4 s) and loaded from an official-style file (~3 s); the backbone at 128x160 (~5 s) and the
-three cascade stages on 370 proposals (~6 s) dominate: the file takes ~40 CPU-seconds
-(45 s wall on the shared 2-core machine), peak memory ~2 GB."""
+three cascade stages on 370 proposals (~6 s) dominate: the file takes 40-50 CPU-seconds
+(45-55 s wall on the shared 2-core machine), peak memory 2.1 GB."""
 
 import json
 import pickle
