@@ -1,9 +1,11 @@
 """`pip install .` ships what the library reads beside its packages: an installed
 model must find its named sizes and the datasets their label spaces."""
 
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from common.label_space import DEFAULT_PATH
 from model.config import SIZES_FILE
@@ -31,3 +33,20 @@ def test_data_files_read_beside_a_package_ship_with_it(setuptools_cfg, path):
     package = ".".join(path.parent.relative_to(ROOT).parts)
     assert package in setuptools_cfg["packages"]
     assert path.name in setuptools_cfg["package-data"][package]
+
+
+SAMPLES = ROOT / "helpers" / "images"
+
+
+def test_sample_photos_are_small_credited_and_shipped(setuptools_cfg):
+    photos = sorted(p for p in SAMPLES.iterdir() if p.name != "README.md")
+    credits = (SAMPLES / "README.md").read_text(encoding="utf-8")
+    assert 3 <= len(photos) <= 5 and sum(p.stat().st_size for p in photos) < 600_000
+    assert "helpers.images" in setuptools_cfg["packages"]
+    shipped = setuptools_cfg["package-data"]["helpers.images"]
+    assert "README.md" in shipped
+    for photo in photos:
+        with Image.open(photo) as img:
+            assert img.format == "JPEG" and max(img.size) <= 640, photo.name
+        assert f"`{photo.name}`" in credits
+        assert any(fnmatch(photo.name, pattern) for pattern in shipped), photo.name
