@@ -8,7 +8,8 @@ For each photo the experts the model reads are run first (their labels go to
 `--labels`, official layout `helpers/labels/<expert>/<folder>/<photo>.png`;
 labels already there are reused, one expert in memory at a time), then the
 model captions it and, with `--question`, a VQA model answers. Output, written
-as a whole or not at all: `<out>/results.json` and `<out>/index.html`.
+as a whole or not at all: `<out>/results.json`, `<out>/index.html` and a label
+sheet per photo (`<out>/sheets/`: the photo and every expert's label side by side).
 A model is an official name (fetched from the hub, or `--model_file` for a
 local copy of its pytorch_model.bin) or a folder saved by this project
 (`final/` of a training run).
@@ -31,6 +32,7 @@ from common.labels import label_file
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, read_image
 from helpers.engine import cli
+from helpers.label_sheets import save_label_sheet
 from helpers.labelling import LabelOptions, make_labels, parse_network_options
 from helpers.processor import PrismerProcessor
 from model import PrismerCaption, PrismerVQA
@@ -80,9 +82,10 @@ def write_page(folder: Path, results: list[dict]) -> None:
         answers = "".join(
             f"<p><b>Q:</b> {html.escape(q)}<br><b>A:</b> {html.escape(a)}</p>" for q, a in r.get("answers", {}).items()
         )
+        sheet = f'<p><a href="{html.escape(r["label_sheet"])}">expert labels</a></p>' if "label_sheet" in r else ""
         rows.append(
             f'<div class="photo"><img src="{html.escape(r["thumbnail"])}" alt="{html.escape(r["image"])}">'
-            f"<h3>{html.escape(r['image'])}</h3><p>{html.escape(r['caption'])}</p>{answers}</div>"
+            f"<h3>{html.escape(r['image'])}</h3><p>{html.escape(r['caption'])}</p>{answers}{sheet}</div>"
         )
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>Prismer demo</title>'
@@ -166,6 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
             small.thumbnail((640, 640))
             small.save(tmp / thumb, quality=90)
             r["thumbnail"] = thumb.as_posix()
+            if experts:  # every expert's label beside the photo
+                sheet = Path("sheets") / (r["image"] + ".png")
+                (tmp / sheet).parent.mkdir(parents=True, exist_ok=True)
+                files = {e: label_file(labels, e, images.name, r["image"]) for e in experts}
+                save_label_sheet(photo, {e: f if f.is_file() else None for e, f in files.items()}, tmp / sheet)
+                r["label_sheet"] = sheet.as_posix()
         (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
         write_page(tmp, results)
         os.chmod(tmp, 0o755)

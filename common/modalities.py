@@ -41,7 +41,15 @@ EXPERTS: dict[str, Expert] = {
         Expert("edge", 1, "edge", DENSE, network="edge", weights="expert_weights/10_model.pth"),
         Expert("seg_coco", 64, "seg", CLASS_MAP, "coco", "segmentation", "expert_weights/model_final_f07440.pkl"),
         Expert("seg_ade", 64, "seg", CLASS_MAP, "ade", "segmentation", "expert_weights/model_final_e0c58e.pkl"),
-        Expert("obj_detection", 64, "obj_detection", INSTANCE, "detection"),
+        Expert(
+            "obj_detection",
+            64,
+            "obj_detection",
+            INSTANCE,
+            "detection",
+            network="detection",
+            weights="expert_weights/Unified_learned_OCIM_RS200_6x+2x.pth",
+        ),
         Expert(
             "ocr_detection", 64, "ocr_detection", OCR, network="ocr", weights="expert_weights/icdar2015_hourglass88.pth"
         ),

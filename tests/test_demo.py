@@ -65,6 +65,8 @@ def test_captions_every_readable_photo_and_skips_the_rest(folder):
     assert all(r["caption"] in page.replace("&#x27;", "'") for r in results)
     for r in results:
         assert (folder / "out" / r["thumbnail"]).is_file()
+        with Image.open(folder / "out" / r["label_sheet"]) as sheet:  # the photo and the edge label side by side
+            assert sheet.width > sheet.height
     for name in GOOD:  # the edge labels the model reads, at each photo's size
         with (
             Image.open(folder / "photos" / name) as photo,
