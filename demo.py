@@ -59,21 +59,17 @@ def load_model(source: str, cls, model_file: str | None = None):
 
 
 # What the official caption fine-tuning used (configs/caption.yaml); a run of ours records its own.
-CAPTION_SETTINGS = {
-    "label_resolution": 224,
-    "prefix": "A picture of",
-    "num_beams": 3,
-    "max_length": 20,
-    "min_length": 8,
-}
+CAPTION_SETTINGS = {"prefix": "A picture of", "num_beams": 3, "max_length": 20, "min_length": 8}
+# What the datasets read the labels with (the defaults: the official label spaces at 224 px).
+LABEL_SETTINGS = {"label_resolution": 224, "label_space_path": None}
 
 
 def run_settings(source: str) -> dict:
-    """Labels at the resolution the model was trained with, and its caption settings: a
-    run's config.json beside its final/ folder says them; official models use the official ones."""
+    """Labels as the model was trained with them (resolution, label spaces) and its caption
+    settings: a run's config.json beside its final/ folder says them; official models use the official ones."""
     config = Path(source).parent / "config.json"
     recorded = json.loads(config.read_text()) if config.is_file() else {}
-    return {k: recorded.get(k, v) for k, v in CAPTION_SETTINGS.items()}
+    return {k: recorded.get(k, v) for k, v in (CAPTION_SETTINGS | LABEL_SETTINGS).items()}
 
 
 def write_page(folder: Path, results: list[dict]) -> None:
@@ -137,11 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
     sources = {captioner: args.model, answerer: args.vqa_model}
     settings = {model: run_settings(source) for model, source in sources.items() if model is not None}
     processors = {
-        model: PrismerProcessor.for_model(model, settings[model]["label_resolution"])
+        model: PrismerProcessor.for_model(
+            model, settings[model]["label_resolution"], settings[model]["label_space_path"]
+        )
         for model in (captioner, answerer)
         if model is not None
     }
-    caption = {k: v for k, v in settings[captioner].items() if k != "label_resolution"}
+    caption = {k: v for k, v in settings[captioner].items() if k in CAPTION_SETTINGS}
 
     def inputs(model, batch: list[int]) -> dict:
         files = [{e: label_file(labels, e, images.name, names[i]) for e in model.config.experts} for i in batch]

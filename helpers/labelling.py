@@ -157,22 +157,14 @@ def generate(expert: str, opts: LabelOptions, accelerator, paths: list[Path], ro
     # Split the listing, not what is left: processes that check the disk at
     # different moments would otherwise disagree about who does which image.
     share = paths[accelerator.process_index :: accelerator.num_processes]
-    todo = [q for q in share if not kind.exists(out[q])]
+    mine = [q for q in share if not kind.exists(out[q])]
     counts = dict.fromkeys(COUNTS, 0)
-    counts["already done"] = len(share) - len(todo)
+    counts["already done"] = len(share) - len(mine)
     # Labels of other experts this one reads (detection: depth), per image.
     inputs = {
         q: {n: label_file(save, n, root.name, q.relative_to(root).as_posix()) for n in network.uses_labels}
-        for q in todo
+        for q in mine
     }
-    mine = []
-    for q in todo:
-        missing = [n for n, path in inputs[q].items() if not EXPERTS[n].kind.exists(path)]
-        if missing:
-            log.warning("%s: no %s label at %s, skipped (make it first)", q, missing[0], inputs[q][missing[0]])
-            counts["input label missing (skipped)"] += 1
-        else:
-            mine.append(q)
     counts["name taken (skipped)"] = len(taken[accelerator.process_index :: accelerator.num_processes])
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -202,6 +194,13 @@ def generate(expert: str, opts: LabelOptions, accelerator, paths: list[Path], ro
             if size is None:
                 log.warning("%s: unreadable image, skipped (%s)", mine[i], x_CHW)
                 counts["corrupt (skipped)"] += 1
+                bar.update(1)
+                continue
+            missing = [n for n, path in inputs[mine[i]].items() if not EXPERTS[n].kind.exists(path)]
+            if missing:
+                where = inputs[mine[i]][missing[0]]
+                log.warning("%s: no %s label at %s, skipped (make it first)", mine[i], missing[0], where)
+                counts["input label missing (skipped)"] += 1
                 bar.update(1)
                 continue
             bucket = buckets[tuple(x_CHW.shape)]

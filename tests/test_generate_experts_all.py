@@ -59,6 +59,15 @@ def test_every_network_labels_every_readable_image(generated):
     assert not list(save.rglob("*.tmp"))
 
 
+def test_detection_without_depth_labels_skips_and_counts_each_image(generated, tmp_path):
+    """Detection orders overlapping boxes by the depth label: without one, nothing is guessed."""
+    photos, weights, _, _ = generated
+    argv = ["--expert", "obj_detection", "--data_path", str(photos), "--save_path", str(tmp_path / "labels")]
+    counts = generate_experts.main([*argv, "--weights", str(weights), "--num_workers", "0"])["obj_detection"]
+    assert (counts["written"], counts["input label missing (skipped)"], counts["corrupt (skipped)"]) == (0, 3, 1)
+    assert not (tmp_path / "labels" / "obj_detection").exists() or not list((tmp_path / "labels").rglob("*.png"))
+
+
 def test_a_batch_gives_each_image_the_label_it_gets_alone(generated):
     """a.jpg was labelled in one batch with b.jpg; alone it gets the same label up to
     float rounding (a batched matrix product rounds differently: 3e-5 on the raw

@@ -135,3 +135,25 @@ def test_question_prior_answers_each_question_with_its_most_frequent_training_an
     (tmp_path / "vqav2_test.json").write_text(json.dumps(test))
     assert quickstart.vqa_question_prior(tmp_path) == pytest.approx(100 * 2 / 3)
     assert quickstart.vqa_baseline(tmp_path) == ("2", pytest.approx(100 / 3))  # only the unseen one is right
+
+
+def test_the_demo_captions_world_scenes_with_the_quickstart_model(job, tmp_path):
+    """demo.py with the model the quickstart trained, the world's labels reused (no expert runs)."""
+    import demo
+
+    _, data, out, _ = job
+    (final,) = sorted(out.glob("caption_*/final"))
+    labels = data.parent / "labels"
+    before = {p: p.stat().st_mtime_ns for p in labels.rglob("*.png")}
+    argv = ["--images", str(data / "vqav2"), "--labels", str(labels), "--model", str(final)]
+    done = demo.main([*argv, "--out", str(tmp_path / "demo"), "--batch_size", "8"])
+    images = sorted(p.relative_to(data / "vqav2").as_posix() for p in (data / "vqav2").rglob("*.jpg"))
+    assert sorted(r["image"] for r in done["results"]) == images and done["skipped"] == 0
+    # The test scenes get the captions the quickstart's own evaluation wrote: the demo feeds
+    # the model what evaluation fed it (labels, label spaces, resolution, caption settings).
+    (evaluated,) = sorted(out.glob("caption_*/caption_results_coco.json"))
+    by_id = {int(re.findall(r"\d+", r["image"])[-1]): format_caption(r["caption"]) for r in done["results"]}
+    for r in read(evaluated):
+        assert by_id[r["image_id"]] == r["caption"]
+    assert all(r["caption"] for r in done["results"])
+    assert {p: p.stat().st_mtime_ns for p in labels.rglob("*.png")} == before
