@@ -1,6 +1,7 @@
 """demo.py on a real folder: good photos and the nasty files real folders hold, a
 model saved by this project, the edge expert's weights in the official format."""
 
+import html
 import json
 import os
 
@@ -62,7 +63,7 @@ def test_captions_every_readable_photo_and_skips_the_rest(folder):
     assert done["skipped"] == 3  # truncated, empty, not an image (the broken link is no file)
     assert "café.jpg" in (folder / "out" / "results.json").read_text(encoding="utf-8")  # kept, not \\u-escaped
     page = (folder / "out" / "index.html").read_text(encoding="utf-8")
-    assert all(r["caption"] in page.replace("&#x27;", "'") for r in results)
+    assert all(html.escape(r["caption"]) in page for r in results)  # the model is random: any character
     for r in results:
         assert (folder / "out" / r["thumbnail"]).is_file()
         with Image.open(folder / "out" / r["label_sheet"]) as sheet:  # the photo and the edge label side by side
