@@ -26,50 +26,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from common.labels import label_file
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, read_image
+from helpers.demo import Describer, load_model
 from helpers.engine import cli
 from helpers.label_sheets import save_label_sheet
 from helpers.labelling import LabelOptions, make_labels, parse_network_options
-from helpers.processor import PrismerProcessor
 from model import PrismerCaption, PrismerVQA
-from model.convert import OFFICIAL_NAME
-from model.prismer import CONFIG_FILE
 
 log = logging.getLogger("demo")
-
-
-def load_model(source: str, cls, model_file: str | None = None):
-    """An official name (`caption_prismer_base`) or one of our checkpoint folders."""
-    task = "caption" if cls is PrismerCaption else "vqa"
-    name = OFFICIAL_NAME.match(source)
-    if name and not Path(source).exists():
-        if name[1] != task:
-            raise ValueError(f"{source} is a {name[1]} checkpoint; this needs a {task} one (e.g. {task}_prismer_base)")
-        return cls.from_official(source, path=model_file)
-    if (Path(source) / CONFIG_FILE).is_file():
-        return cls.from_pretrained(source)
-    raise FileNotFoundError(
-        f"model {source}: neither an official name ({{caption,vqa}}_{{prismer,prismerz}}_{{base,large}}) "
-        f"nor a folder with {CONFIG_FILE} (a training run's final/)"
-    )
-
-
-# What the official caption fine-tuning used (configs/caption.yaml); a run of ours records its own.
-CAPTION_SETTINGS = {"prefix": "A picture of", "num_beams": 3, "max_length": 20, "min_length": 8}
-# What the datasets read the labels with (the defaults: the official label spaces at 224 px).
-LABEL_SETTINGS = {"label_resolution": 224, "label_space_path": None}
-
-
-def run_settings(source: str) -> dict:
-    """Labels as the model was trained with them (resolution, label spaces) and its caption
-    settings: a run's config.json beside its final/ folder says them; official models use the official ones."""
-    config = Path(source).parent / "config.json"
-    recorded = json.loads(config.read_text()) if config.is_file() else {}
-    return {k: recorded.get(k, v) for k, v in (CAPTION_SETTINGS | LABEL_SETTINGS).items()}
 
 
 def write_page(folder: Path, results: list[dict]) -> None:
@@ -130,31 +96,17 @@ def main(argv: list[str] | None = None) -> dict:
         except READ_ERRORS as e:
             log.warning("%s: unreadable image, skipped (%s: %s)", path, type(e).__name__, e)
 
-    sources = {captioner: args.model, answerer: args.vqa_model}
-    settings = {model: run_settings(source) for model, source in sources.items() if model is not None}
-    processors = {
-        model: PrismerProcessor.for_model(
-            model, settings[model]["label_resolution"], settings[model]["label_space_path"]
-        )
-        for model in (captioner, answerer)
-        if model is not None
-    }
-    caption = {k: v for k, v in settings[captioner].items() if k in CAPTION_SETTINGS}
-
-    def inputs(model, batch: list[int]) -> dict:
-        files = [{e: label_file(labels, e, images.name, names[i]) for e in model.config.experts} for i in batch]
-        return processors[model]([photos[i] for i in batch], files)
-
+    describer = Describer(captioner, args.model, answerer, args.vqa_model)
     results = [{"image": n, "caption": ""} for n in names]
-    with torch.no_grad():
-        for start in range(0, len(photos), args.batch_size):
-            batch = list(range(start, min(start + args.batch_size, len(photos))))
-            for i, text in zip(batch, captioner.generate(inputs(captioner, batch), **caption)):
-                results[i]["caption"] = text
-            for question in args.question if answerer else []:
-                answers = answerer.generate(inputs(answerer, batch), [question] * len(batch))
-                for i, answer in zip(batch, answers):
-                    results[i].setdefault("answers", {})[question] = answer
+    for start in range(0, len(photos), args.batch_size):
+        batch = list(range(start, min(start + args.batch_size, len(photos))))
+        files = [{e: label_file(labels, e, images.name, names[i]) for e in experts} for i in batch]
+        pictures = [photos[i] for i in batch]
+        for i, text in zip(batch, describer.caption(pictures, files)):
+            results[i]["caption"] = text
+        for question in args.question:
+            for i, answer in zip(batch, describer.answer(pictures, files, question)):
+                results[i].setdefault("answers", {})[question] = answer
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def test_captions_every_readable_photo_and_skips_the_rest(folder):
     assert done["skipped"] == 3  # truncated, empty, not an image (the broken link is no file)
     assert "café.jpg" in (folder / "out" / "results.json").read_text(encoding="utf-8")  # kept, not \\u-escaped
     page = (folder / "out" / "index.html").read_text(encoding="utf-8")
-    assert all(html.escape(r["caption"]) in page for r in results)
+    assert all(html.escape(r["caption"]) in page for r in results)  # the model is random: any character
     for r in results:
         assert (folder / "out" / r["thumbnail"]).is_file()
         with Image.open(folder / "out" / r["label_sheet"]) as sheet:  # the photo and the edge label side by side
