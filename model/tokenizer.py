@@ -18,8 +18,14 @@ def load_tokenizer(name_or_path: str) -> RobertaTokenizerFast:
         return _from_folder(Path(name_or_path))
     # Fetch the files ourselves so that an offline machine gets a clear error.
     what = f"the {name_or_path} tokenizer"
-    folder = hub_file(name_or_path, "vocab.json", what).parent
-    hub_file(name_or_path, "merges.txt", what)
+    try:
+        folder = hub_file(name_or_path, "vocab.json", what).parent
+        hub_file(name_or_path, "merges.txt", what)
+    except DownloadError as e:
+        raise DownloadError(
+            f"{e}\n`python download_checkpoints.py --tokenizers` fetches it; or set the config key `tokenizer` "
+            "(`--set tokenizer=DIR`, or `tokenizer=` in from_official / from_pretrained) to a local copy's folder."
+        ) from e
     for optional in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         try:
             hub_file(name_or_path, optional, what)

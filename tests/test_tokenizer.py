@@ -17,5 +17,7 @@ def test_local_folder_round_trip(tokenizer, tmp_path):
 
 def test_hub_id_offline_names_the_files(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(DownloadError, match=r"vocab.json from hub repo FacebookAI/roberta-base"):
+    with pytest.raises(DownloadError, match=r"vocab.json from hub repo FacebookAI/roberta-base") as err:
         load_tokenizer("FacebookAI/roberta-base")
+    # what to run, and the key that points at a local copy instead
+    assert "download_checkpoints.py --tokenizers" in str(err.value) and "--set tokenizer=DIR" in str(err.value)
