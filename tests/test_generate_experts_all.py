@@ -3,6 +3,7 @@ two shapes (and a corrupt one), every network's weights in its official format i
 one folder, labels the datasets read back into the tensors the encoder takes."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -42,7 +43,8 @@ def generated(tmp_path_factory):
     argv = ["--expert", "all", "--data_path", str(photos), "--save_path", str(save), "--weights", str(weights)]
     argv += ["--network_option", f"ocr_detection.clip={root / 'clip'}"]
     totals = generate_experts.main([*argv, "--batch_size", "2", "--num_workers", "0"])
-    return photos, weights, save, totals
+    yield photos, weights, save, totals
+    shutil.rmtree(weights)  # 3.5 GB of synthetic weights: pytest keeps its last three runs' folders
 
 
 def test_every_network_labels_every_readable_image(generated):
