@@ -1,13 +1,15 @@
 """Expert label networks: images/s and peak memory per expert at the official
-input size, float32 and bf16 autocast, on this machine (CPU unless CUDA is there).
+input size, in float32 (and bf16 autocast with `--precisions no,bf16`, worth it
+only on a CPU with AMX or AVX-512-BF16), on this machine's CPU.
 
     python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16]
 
 Weights are synthesised from the official layouts (tests/fixtures/experts) and
 written in the official formats, then loaded the way generate_experts.py loads
 them; the images are 640x480 photos-like arrays (COCO's common size). Each
-expert runs in its own process, so its peak resident memory (ru_maxrss) is its
-own: the loaded network plus one image's forward pass and label. Timing covers
+expert runs in its own process, so its peak resident memory (VmHWM, reset at
+its start) is its own: the loaded network plus one image's forward pass and
+label. Timing covers
 preprocess, predict and to_label of `--images` images one at a time after one
 warm-up image. `vs float32`: how far a bf16 label moves from the float32 one
 (mean absolute grey levels for dense maps, share of changed pixels for id
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def peak_mib() -> float:
+    """VmHWM of /proc/self/status: the peak resident memory since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
     """Runs in a child process: one expert, one precision, its weights already on disk."""
     import numpy as np
@@ -36,6 +45,10 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
     from PIL import Image
 
     from experts import generator_network
+
+    # The peak resident memory is this process's from here on: a child's ru_maxrss starts
+    # at its parent's resident size when forked, so reset the kernel's high-water mark.
+    Path("/proc/self/clear_refs").write_text("5")
     from tests.expert_files import write_tiny_clip
 
     options = {}
@@ -49,18 +62,24 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
     photo = np.stack([xx * 255 // 640, yy * 255 // 480, (xx + yy) % 256], -1) + rng.integers(0, 40, (480, 640, 3))
     image = Image.fromarray(photo.clip(0, 255).astype(np.uint8))
 
+    # Labels of other experts the network reads (detection: depth), as smooth maps.
+    inputs = {}
+    for needed in network.uses_labels:
+        inputs[needed] = weights.parent / f"{needed}.png"
+        Image.fromarray((yy * 255 // 480).astype(np.uint8)).save(inputs[needed])
+
     def one(bf16: bool):
         x = network.preprocess(image)[None]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             (raw,) = network.predict(model, x)
-        return network.to_label(raw, image.size)
+        return network.to_label(raw, image.size, **inputs)
 
     label = one(precision == "bf16")  # also the warm-up
     start = time.perf_counter()
     for _ in range(images):
         one(precision == "bf16")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib()
     # How far the label moves from the float32 one: grey levels for dense maps, pixels for id maps.
     change = ""
     if precision != "no":
@@ -85,7 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", default=",".join(label_networks()))
-    p.add_argument("--precisions", default="no,bf16")
+    # bf16 only where the CPU computes it fast (AMX / AVX-512-BF16); on AVX2 it is many times slower.
+    p.add_argument("--precisions", default="no")
     p.add_argument("--images", type=int, default=3)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -112,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if done.returncode != 0:
                     raise RuntimeError(f"{expert} {precision} failed:\n{done.stderr[-3000:]}")
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"{expert:<14} {precision:<5} done", file=sys.stderr)
+                print(json.dumps(rows[-1]), file=sys.stderr)
     import torch
 
     print(f"\nexpert label networks, {torch.get_num_threads()} CPU threads, synthetic weights, 640x480 images")
