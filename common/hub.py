@@ -8,6 +8,7 @@ error (what to fetch, where to put it).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -70,3 +71,11 @@ def hub_first_file(repo_id: str, filenames: list[str], what: str) -> Path:
             if "cannot reach" in str(e) or "HF_HUB_OFFLINE" in str(e):
                 break
     raise DownloadError(errors[-1])
+
+
+def is_hub_id(name: str, file_suffixes: tuple[str, ...] | None = None) -> bool:
+    """`owner/name` as a hub repo id, not a local file's name: with `file_suffixes`, a name
+    ending in one of them is a file; without, a name with any suffix is."""
+    suffix = Path(name).suffix
+    is_file_name = suffix in file_suffixes if file_suffixes is not None else bool(suffix)
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not is_file_name

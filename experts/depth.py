@@ -51,7 +51,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from common.files import CheckpointError
-from common.hub import hub_file, hub_first_file
+from common.hub import hub_file, hub_first_file, is_hub_id
 from common.weights import WEIGHT_FILES, load_checked, read_state_dict
 from experts.network import LabelNetwork
 
@@ -418,12 +418,6 @@ def load_hf(folder: str | Path) -> DPTHybrid:
     return model.eval()
 
 
-def is_hub_id(name: str) -> bool:
-    """`owner/name`, not a weight file's name."""
-    suffixes = (".pt", ".pth", ".bin", ".safetensors")
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and Path(name).suffix not in suffixes
-
-
 class Generator(LabelNetwork):
     """Depth labels as `experts/generate_depth.py` writes them: grey, brighter = nearer."""
 
@@ -435,7 +429,7 @@ class Generator(LabelNetwork):
             return load_official(path)
         if path.is_dir():
             return load_hf(path)
-        if not is_hub_id(str(weights)):
+        if not is_hub_id(str(weights), (".pt", ".pth", ".bin", ".safetensors")):
             raise FileNotFoundError(f"depth weights {weights}: no such file or folder")
         what = f"the depth expert's Hugging Face weights ({weights})"
         config = hub_file(str(weights), "config.json", what)

@@ -64,7 +64,7 @@ from PIL import Image
 from torch import nn
 
 from common.files import CheckpointError
-from common.hub import hub_file, hub_first_file
+from common.hub import hub_file, hub_first_file, is_hub_id
 from common.label_space import load_clip_pca
 from common.labels import NONE_ID, Words
 from common.weights import WEIGHT_FILES, load_checked, read_state_dict
@@ -236,10 +236,6 @@ class OcrNetwork(nn.Module):
         super().__init__()
         self.charnet, self.text = charnet, text
         self.tokenizer = tokenizer
-
-
-def is_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).suffix
 
 
 def load_text_encoder(source: str | Path):

@@ -60,7 +60,7 @@ from PIL import Image
 from torch import nn
 
 from common.files import CheckpointError, load_safetensors
-from common.hub import hub_file, hub_first_file
+from common.hub import hub_file, hub_first_file, is_hub_id
 from common.weights import WEIGHT_FILES, load_checked
 from experts.network import LabelNetwork
 
@@ -337,8 +337,7 @@ class Generator(LabelNetwork):
             state = load_safetensors(path) if path.suffix == ".safetensors" else read_official_pickle(path)
             log.info("%s: official weights %s", self.expert.name, path)
             return build_official(state, self.variant.num_labels, str(path))
-        is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(weights)) and path.suffix not in (".pkl", ".safetensors")
-        if not path.is_dir() and not is_hub_id:
+        if not path.is_dir() and not is_hub_id(str(weights), (".pkl", ".safetensors")):
             raise FileNotFoundError(
                 f"{weights} does not exist (expected {self.variant.official_file}, a safetensors file with its keys, "
                 f"a Hugging Face folder or hub id such as {self.variant.hub_id})"
