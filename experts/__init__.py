@@ -9,10 +9,15 @@ import importlib
 from common.modalities import EXPERTS, label_networks
 
 
-def generator_network(name: str, **options):
-    """The label network of expert `name` (its module imported on demand: networks are heavy);
-    `options` go to its Generator (e.g. OCR's `clip` text encoder and `lexicon`)."""
+def generator_class(name: str):
+    """The Generator class of expert `name` (its module imported on demand: networks are heavy)."""
     expert = EXPERTS[name]
     if expert.network is None:
         raise NotImplementedError(f"no label network for {name!r}; label networks: {', '.join(label_networks())}")
-    return importlib.import_module(f"experts.{expert.network}").Generator(name, **options)
+    return importlib.import_module(f"experts.{expert.network}").Generator
+
+
+def generator_network(name: str, **options):
+    """The label network of expert `name`; `options` go to its Generator (e.g. OCR's
+    `clip` text encoder and `lexicon`)."""
+    return generator_class(name)(name, **options)

@@ -93,7 +93,7 @@ def describe_photo(
     """One photo's caption, answer (with `question`) and label sheet (a PIL image, None
     for a model without experts). Its labels are made in a temporary folder, one
     expert at a time in dependency order; `progress(fraction done, what now)` is told as they go."""
-    experts = in_dependency_order(describer.experts, options.network_options)
+    experts = in_dependency_order(describer.experts)
     with tempfile.TemporaryDirectory(prefix="prismer-demo-") as tmp:
         images, labels = Path(tmp, "photo"), Path(tmp, "labels")
         images.mkdir()

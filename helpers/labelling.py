@@ -29,7 +29,7 @@ from common.labels import label_file
 from common.modalities import EXPERTS, label_networks
 from dataset.datasets import list_images
 from dataset.files import READ_ERRORS, read_image
-from experts import generator_network
+from experts import generator_class, generator_network
 from helpers.distributed import make_accelerator
 from model.convert import OFFICIAL_REPO
 
@@ -84,13 +84,13 @@ def parse_network_options(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def in_dependency_order(names: list[str], options: dict) -> list[str]:
+def in_dependency_order(names: list[str]) -> list[str]:
     """`names` with every expert after the experts whose labels it reads."""
     ordered: list[str] = []
 
     def visit(name: str) -> None:
         if name not in ordered:
-            for needed in generator_network(name, **options.get(name, {})).uses_labels:
+            for needed in generator_class(name).uses_labels:
                 if needed in names:
                     visit(needed)
             ordered.append(name)
@@ -236,7 +236,7 @@ def make_labels(experts: list[str], data_path: str | Path, save_path: str | Path
     paths = list_images(root, "--data_path", exclude=save)  # labels written inside are not images
     accelerator = make_accelerator(opts.mixed_precision)
     totals = {}
-    for expert in in_dependency_order(experts, opts.network_options):
+    for expert in in_dependency_order(experts):
         counts = generate(expert, opts, accelerator, paths, root, save, several=len(experts) > 1)
         totals[expert] = summarise(expert, counts, accelerator, len(paths))
     if accelerator.is_main_process:
