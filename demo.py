@@ -88,43 +88,42 @@ def main(argv: list[str] | None = None) -> dict:
         options = parse_network_options(args.network_option)
         make_labels(experts, images, labels, LabelOptions(args.expert_weights, num_workers=0, network_options=options))
 
-    photos, names = [], []
-    for path in paths:
-        try:
-            photos.append(read_image(path))
-            names.append(path.relative_to(images).as_posix())
-        except READ_ERRORS as e:
-            log.warning("%s: unreadable image, skipped (%s: %s)", path, type(e).__name__, e)
-
     describer = Describer(captioner, args.model, answerer, args.vqa_model)
-    results = [{"image": n, "caption": ""} for n in names]
-    for start in range(0, len(photos), args.batch_size):
-        batch = list(range(start, min(start + args.batch_size, len(photos))))
-        files = [{e: label_file(labels, e, images.name, names[i]) for e in experts} for i in batch]
-        pictures = [photos[i] for i in batch]
-        for i, text in zip(batch, describer.caption(pictures, files)):
-            results[i]["caption"] = text
-        for question in args.question:
-            for i, answer in zip(batch, describer.answer(pictures, files, question)):
-                results[i].setdefault("answers", {})[question] = answer
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    results = []
     try:
-        for r, photo in zip(results, photos):
-            thumb = Path("photos") / (r["image"] + ".jpg")
-            (tmp / thumb).parent.mkdir(parents=True, exist_ok=True)
-            small = photo.copy()
-            small.thumbnail((640, 640))
-            small.save(tmp / thumb, quality=90)
-            r["thumbnail"] = thumb.as_posix()
-            if experts:  # every expert's label beside the photo
-                sheet = Path("sheets") / (r["image"] + ".png")
-                (tmp / sheet).parent.mkdir(parents=True, exist_ok=True)
-                files = {e: label_file(labels, e, images.name, r["image"]) for e in experts}
-                save_label_sheet(photo, {e: f if f.is_file() else None for e, f in files.items()}, tmp / sheet)
-                r["label_sheet"] = sheet.as_posix()
+        # A batch of photos in memory at a time: a folder may hold thousands of large ones.
+        for start in range(0, len(paths), args.batch_size):
+            photos, batch = [], []
+            for path in paths[start : start + args.batch_size]:
+                try:
+                    photos.append(read_image(path))
+                    batch.append({"image": path.relative_to(images).as_posix()})
+                except READ_ERRORS as e:
+                    log.warning("%s: unreadable image, skipped (%s: %s)", path, type(e).__name__, e)
+            if not photos:
+                continue
+            files = [{e: label_file(labels, e, images.name, r["image"]) for e in experts} for r in batch]
+            for r, text in zip(batch, describer.caption(photos, files)):
+                r["caption"] = text
+            for question in args.question:
+                for r, answer in zip(batch, describer.answer(photos, files, question)):
+                    r.setdefault("answers", {})[question] = answer
+            for r, photo, found in zip(batch, photos, files):
+                thumb = Path("photos") / (r["image"] + ".jpg")
+                (tmp / thumb).parent.mkdir(parents=True, exist_ok=True)
+                small = photo.copy()
+                small.thumbnail((640, 640))
+                small.save(tmp / thumb, quality=90)
+                r["thumbnail"] = thumb.as_posix()
+                if experts:  # every expert's label beside the photo
+                    sheet = Path("sheets") / (r["image"] + ".png")
+                    (tmp / sheet).parent.mkdir(parents=True, exist_ok=True)
+                    save_label_sheet(photo, {e: f if f.is_file() else None for e, f in found.items()}, tmp / sheet)
+                    r["label_sheet"] = sheet.as_posix()
+            results += batch
         (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
         write_page(tmp, results)
         os.chmod(tmp, 0o755)
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    skipped = len(paths) - len(photos)
+    skipped = len(paths) - len(results)
     print(f"\n{len(results)} captions ({skipped} unreadable photo(s) skipped): {out}/results.json, {out}/index.html")
     return {"results": results, "skipped": skipped, "out": out}
 
