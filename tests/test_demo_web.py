@@ -73,6 +73,8 @@ def page(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def browser():
+    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
+    assert not missing, f"{missing} not found: the browser test needs Debian's chromium and chromium-driver (apt)"
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
