@@ -19,6 +19,10 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from model.layers import Adaptor, LayerNorm
 
 LABEL_SMOOTHING = 0.1
+# The name under which `generate` hands the key/value cache to the model and reads
+# it back: transformers 5.x renamed `past_key_values` to `cache` (a model that only
+# knows the old name silently recomputes the whole sequence every step).
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithCrossAttentions.__dataclass_fields__ else "past_key_values"
 
 
 def position_ids_from_input_ids(input_ids_BL: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -236,16 +240,18 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
-        """`loss` is per sample (B,): label-smoothed cross-entropy of the next
-        token, summed over the sample's tokens (labels -100 are ignored)."""
+        """`attention_mask`: (B, past + Q) of 1 (token) / 0 (padding), made causal
+        here, or an additive (B, 1, Q, past + Q) mask used as given. `loss` is per
+        sample (B,): label-smoothed cross-entropy of the next token, summed over
+        the sample's tokens (labels -100 are ignored)."""
         if encoder_hidden_states is None:
             raise ValueError("the Prismer decoder needs encoder_hidden_states (the expert encoder's tokens)")
-        cache = self._cache(past_key_values, use_cache and labels is None)
+        cache = self._cache(cache if cache is not None else kwargs.get("past_key_values"), use_cache and labels is None)
         past = cache.get_seq_length() if cache is not None else 0
         B, Q = input_ids.shape
         if attention_mask is None:
@@ -254,7 +260,10 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
             position_ids = position_ids_from_input_ids(input_ids, self.config.pad_token_id)
             position_ids = torch.where(position_ids > self.config.pad_token_id, position_ids + past, position_ids)
         x_BQD = self.roberta.embeddings(input_ids, position_ids)
-        mask_B1QK = causal_padding_mask(attention_mask, Q, x_BQD.dtype)
+        if attention_mask.dim() == 4:
+            mask_B1QK = attention_mask.to(x_BQD.dtype)
+        else:
+            mask_B1QK = causal_padding_mask(attention_mask, Q, x_BQD.dtype)
         x_BQD = self.roberta.encoder(x_BQD, encoder_hidden_states.to(x_BQD.dtype), mask_B1QK, cache)
         logits_BQV = self.lm_head(x_BQD)
         loss_B = None
@@ -269,39 +278,40 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
                 .view(B, -1)
                 .sum(1)
             )
-        return CausalLMOutputWithCrossAttentions(loss=loss_B, logits=logits_BQV, past_key_values=cache)
+        return CausalLMOutputWithCrossAttentions(loss=loss_B, logits=logits_BQV, **{CACHE_KEY: cache})
 
     @staticmethod
-    def _cache(past_key_values, use_cache: bool) -> EncoderDecoderCache | None:
+    def _cache(cache, use_cache: bool) -> EncoderDecoderCache | None:
         """Our cache holds self-attention keys/values of every layer (plus the
         last plain layer) and the cross-attention ones. `generate` hands a
         fresh DynamicCache sized by the config; it is replaced (the replacement
         returns through the output)."""
         if not use_cache:
             return None
-        if isinstance(past_key_values, EncoderDecoderCache):
-            return past_key_values
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if isinstance(cache, EncoderDecoderCache):
+            return cache
+        if cache is not None and cache.get_seq_length() > 0:
             raise TypeError("the Prismer decoder needs an EncoderDecoderCache to continue from a cache")
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         encoder_hidden_states=None,
         use_cache=None,
         **kwargs,
     ) -> dict:
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         # Positions from the whole sequence, as the no-cache model computes them.
         position_ids = position_ids_from_input_ids(input_ids, self.config.pad_token_id)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         return {
             "input_ids": input_ids[:, past:],
             "position_ids": position_ids[:, past:],
             "attention_mask": attention_mask,
             "encoder_hidden_states": encoder_hidden_states,
-            "past_key_values": past_key_values,
+            CACHE_KEY: cache,
             "use_cache": use_cache,
         }

@@ -57,6 +57,26 @@ def test_cached_and_uncached_caption_generation_agree(tokenizer, inputs, prefix)
     assert not any(c.startswith(prefix) and prefix for c in cached)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@torch.no_grad()
+def test_cached_generation_feeds_one_new_token_per_step(tokenizer, inputs, use_cache):
+    """With the cache, every step after the prompt runs the decoder on one token
+    (a cache `generate` cannot hand over means the whole sequence every step)."""
+    model = build(PrismerCaption, tokenizer).eval()
+    model.text_decoder.lm_head.bias[tokenizer.eos_token_id] = -1e4
+    lengths = []
+    hook = model.text_decoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: lengths.append((args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True
+    )
+    model.generate(
+        deterministic_instances(inputs), prefix="A picture of", max_length=12, min_length=12, use_cache=use_cache
+    )
+    hook.remove()
+    prompt = len(tokenizer("A picture of").input_ids) - 1
+    assert len(lengths) == 12 - prompt
+    assert lengths == ([prompt] + [1] * (len(lengths) - 1) if use_cache else list(range(prompt, 12)))
+
+
 @torch.no_grad()
 def test_generation_respects_min_and_max_length(tokenizer, inputs):
     model = build(PrismerCaption, tokenizer).eval()
