@@ -5,6 +5,9 @@ generation through Hugging Face `generate` with a key/value cache)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from model.decoder import CACHE_KEY, LABEL_SMOOTHING
 
 
 def _generate(model, input_ids, attention_mask, image_BND, use_cache: bool, **kwargs) -> torch.Tensor:
@@ -115,18 +118,49 @@ def rank_answers(model, experts: dict, questions: list[str], answer_list: list[s
     token log-likelihood (label-smoothed, as the official model scores)."""
     image_BND = model.encode(experts)
     device = image_BND.device
-    q_ids, q_mask = question_tokens(model.tokenizer, questions, device)
+    q_ids_BP, q_mask_BP = question_tokens(model.tokenizer, questions, device)
     a_ids_AL, a_mask_AL = answer_tokens(model.tokenizer, answer_list, device)
     k = min(k, len(answer_list))
-
-    logits_BV = model.text_decoder(q_ids, q_mask, image_BND).logits[:, -1].float()
-    first_BA = logits_BV.softmax(dim=-1).index_select(1, a_ids_AL[:, 0])
+    prefix = model.text_decoder(q_ids_BP, q_mask_BP, image_BND, use_cache=True)
+    first_BA = prefix.logits[:, -1].float().softmax(dim=-1).index_select(1, a_ids_AL[:, 0])
     topk_BK = first_BA.topk(k, dim=1).indices
-
-    ids = torch.cat([q_ids.repeat_interleave(k, 0), a_ids_AL[topk_BK.flatten()]], dim=1)
-    mask = torch.cat([q_mask.repeat_interleave(k, 0), a_mask_AL[topk_BK.flatten()]], dim=1)
-    labels = ids.masked_fill(ids == model.tokenizer.pad_token_id, -100)
-    labels[:, : q_ids.shape[1]] = -100
-    loss = model.text_decoder(ids, mask, image_BND.repeat_interleave(k, 0), labels=labels).loss
-    score_BK = (-loss / (labels != -100).sum(-1)).view(-1, k)
+    score_BK = answer_scores(model.text_decoder, prefix, q_mask_BP, image_BND, a_ids_AL[topk_BK], a_mask_AL[topk_BK])
     return topk_BK.gather(1, score_BK.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def answer_scores(decoder, prefix, q_mask_BP, image_BND, a_ids_BKA, a_mask_BKA) -> torch.Tensor:
+    """Mean label-smoothed log-likelihood (B, K) of K candidate answers after
+    each question, in one decoder pass: the question's keys/values come from
+    its cached pass (`prefix`, used up here) and the encoder tokens are not
+    repeated; the K answers run side by side as one sequence of K*A tokens
+    whose mask lets each token see the question and its own answer's earlier
+    tokens. Equal to scoring each `question + answer` on its own."""
+    B, K, A = a_ids_BKA.shape
+    P = q_mask_BP.shape[1]
+    pad = decoder.config.pad_token_id
+    tokens_BKA = a_ids_BKA != pad
+    # RoBERTa positions continue after the question's own tokens; padding keeps padding_idx.
+    pos_BKA = (q_mask_BP.sum(1)[:, None, None] + tokens_BKA.cumsum(-1)) * tokens_BKA + pad
+    same_TT = torch.arange(K, device=a_ids_BKA.device).repeat_interleave(A)
+    j_T = torch.arange(A, device=a_ids_BKA.device).repeat(K)
+    keep_BTT = (
+        (same_TT[:, None] == same_TT[None, :]) & (j_T[None, :] <= j_T[:, None]) & a_mask_BKA.flatten(1).bool()[:, None]
+    )
+    keep_B1TK = torch.cat([q_mask_BP.bool()[:, None, :].expand(B, K * A, P), keep_BTT], dim=2)[:, None]
+    mask_B1TK = torch.zeros(keep_B1TK.shape, device=keep_B1TK.device).masked_fill(~keep_B1TK, torch.finfo().min)
+    out = decoder(
+        a_ids_BKA.flatten(1),
+        mask_B1TK,
+        image_BND,
+        position_ids=pos_BKA.flatten(1),
+        cache=prefix[CACHE_KEY],
+        use_cache=True,
+    )
+    # Answer token 0 follows the question's last position; token j > 0 follows its own token j - 1.
+    logits_BKAV = torch.cat(
+        [prefix.logits[:, -1:, None].expand(B, K, 1, -1), out.logits.unflatten(1, (K, A))[:, :, :-1]], dim=2
+    )
+    nll_BKA = F.cross_entropy(
+        logits_BKAV.flatten(0, 2).float(), a_ids_BKA.flatten(), reduction="none", label_smoothing=LABEL_SMOOTHING
+    ).view(B, K, A)
+    return -(nll_BKA * tokens_BKA).sum(-1) / tokens_BKA.sum(-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import PrismerCaption, PrismerVQA
-from model.generation import question_answer_tokens
+from model.generation import answer_scores, answer_tokens, question_answer_tokens, question_tokens
 from tests.conftest import random_experts, tiny_size
 
 EXPERTS = ["depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection"]
@@ -166,6 +166,13 @@ def test_rank_answers_picks_the_best_scored_candidate(tokenizer):
         loss = model.text_decoder(ids, mask, image, labels=labels).loss
         scores[:, j] = -loss / (labels != -100).sum(-1)
     assert ranked.tolist() == scores.argmax(1).tolist()
+    # The one-pass scores (cached question, answers side by side) are the brute-force scores.
+    q_ids, q_mask = question_tokens(tokenizer, questions, "cpu")
+    a_ids, a_mask = answer_tokens(tokenizer, answer_list, "cpu")
+    every_BK = torch.arange(len(answer_list)).expand(2, -1)
+    prefix = model.text_decoder(q_ids, q_mask, image, use_cache=True)
+    fast = answer_scores(model.text_decoder, prefix, q_mask, image, a_ids[every_BK], a_mask[every_BK])
+    torch.testing.assert_close(fast, scores, rtol=1e-5, atol=1e-5)
     top1 = model.rank_answers(x, questions, answer_list, k=1)
     assert top1.shape == (2,) and all(0 <= i < len(answer_list) for i in top1.tolist())
 
