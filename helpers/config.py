@@ -59,7 +59,7 @@ class RunConfig(ModelConfig, DataConfig):
     tracker: str | None = "tensorboard"  # tensorboard | wandb | None
     max_train_steps: int = 0  # 0: no limit (for smoke runs)
     # processes; the run's config.json records the precision helpers.distributed decided for `auto`
-    mixed_precision: str = "auto"  # auto (fp16 on a GPU, else no) | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (helpers.distributed.resolve_precision) | no | fp16 | bf16
     sharding: str = "none"  # none | shard_grad_op (FSDP2, ZeRO-2) | full_shard (ZeRO-3)
 
     def __post_init__(self):

@@ -7,11 +7,16 @@ model sharded here with FSDP2."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
+import platform
 import signal
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +27,12 @@ log = logging.getLogger(__name__)
 
 # A run's `mixed_precision` and `sharding` keys (helpers.config.RunConfig).
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-SHARDINGS = ("none", "shard_grad_op", "full_shard")  # FSDP2: ZeRO-2, ZeRO-3
+SHARDINGS = ("none", "shard_grad_op", "full_shard")
+PRECISION_NAMES = {
+    "no": "float32",
+    "fp16": "fp16 autocast (float32 weights)",
+    "bf16": "bf16 autocast (float32 weights)",
+}  # FSDP2: ZeRO-2, ZeRO-3
 
 # FSDP2 units: ViT block halves' owner, adaptors, resampler blocks, decoder
 # layers. Prismer runs some blocks in halves (attention, then an adaptor, then
@@ -50,20 +60,92 @@ def stop_with_launcher() -> None:
         log.warning("could not tie this worker to its launcher (prctl errno %d)", ctypes.get_errno())
 
 
-def resolve_precision(requested: str, sharding: str = "none") -> str:
-    """The precision a run gets, decided once: `auto` is fp16 on a GPU (bf16 for a
-    sharded run, which has no fp16 grad scaler) and full precision (`no`)
-    elsewhere, and fp16 without a GPU falls back to full precision. Deciding a
-    decided value again gives it back unchanged."""
+@dataclass(frozen=True)
+class Hardware:
+    """What this process computes on, and whether bf16 is fast there."""
+
+    description: str
+    gpu: bool
+    bf16_fast: bool
+
+
+def _cpu_facts() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere the platform's name, no flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return name or platform.machine(), set(flags)
+
+
+@functools.cache
+def hardware() -> Hardware:
+    """bf16 is fast on GPUs of compute capability 8.0 and later (Ampere on) and
+    on CPUs with AMX or AVX-512-BF16; elsewhere it is emulated: on an AVX2-only
+    CPU a bf16 matmul measured ~100x slower than float32."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return Hardware(f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})", True, major >= 8)
+    name, flags = _cpu_facts()
+    fast = sorted({"amx_bf16", "avx512_bf16"} & flags)
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return Hardware(
+        f"{name} ({', '.join(fast) or 'no AMX / AVX-512-BF16'}; torch kernels {kernels})", False, bool(fast)
+    )
+
+
+def matmul_gflops(dtype: torch.dtype, target_s: float = 0.05) -> float:
+    """GFLOP/s of a square CPU matmul grown until one takes `target_s` (a slow dtype stays small)."""
+    n = 128
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        t0 = time.perf_counter()
+        a @ b
+        seconds = time.perf_counter() - t0
+        if seconds >= target_s or n >= 4096:
+            return 2 * n**3 / seconds / 1e9
+        n *= 2
+
+
+@functools.cache
+def _warn_slow_bf16(hw: Hardware) -> None:
+    """Once per process: bf16 asked for where it is emulated, with its cost measured here."""
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    log.warning(
+        "bf16 asked for on %s: a bf16 matmul runs at %.1f GFLOP/s here against %.0f in float32 (measured now); "
+        "mixed_precision: no will train much faster on this CPU",
+        hw.description,
+        bf16,
+        fp32,
+    )
+
+
+def resolve_precision(requested: str, sharding: str = "none", hw: Hardware | None = None) -> str:
+    """The precision a run gets, decided once. `auto` follows the hardware:
+    bf16 where it is fast (Ampere+ GPUs, AMX / AVX-512-BF16 CPUs), else fp16 on
+    an older GPU (bf16 for a sharded run, which has no fp16 grad scaler) and
+    full precision (`no`) on other CPUs; fp16 without a GPU falls back to full
+    precision. Deciding a decided value again gives it back unchanged."""
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {PRECISIONS}, not {requested!r}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
+    hw = hw or hardware()
     if requested == "auto":
-        requested = ("fp16" if sharding == "none" else "bf16") if torch.cuda.is_available() else "no"
-    if requested == "fp16" and not torch.cuda.is_available():
+        if hw.bf16_fast:
+            requested = "bf16"
+        elif hw.gpu:
+            requested = "fp16" if sharding == "none" else "bf16"
+        else:
+            requested = "no"
+    if requested == "fp16" and not hw.gpu:
         log.warning("fp16 needs a GPU; running in full precision")
         requested = "no"
+    if requested == "bf16" and not hw.bf16_fast and not hw.gpu:
+        _warn_slow_bf16(hw)
     if sharding != "none" and requested == "fp16":
         raise ValueError(
             f"sharding {sharding} takes mixed_precision bf16 or no, not fp16: fp16 would need a sharded grad scaler"
@@ -81,6 +163,7 @@ def make_accelerator(
     """The processes' Accelerator (DDP, autocast, trackers) at the precision
     `resolve_precision` decides; a sharded run's precision is applied by shard_model."""
     mixed_precision = resolve_precision(mixed_precision, sharding)
+    log.info("computing on %s; precision %s", hardware().description, PRECISION_NAMES[mixed_precision])
     log_with = None
     if tracker == "tensorboard" and importlib.util.find_spec("tensorboard"):
         log_with = "tensorboard"

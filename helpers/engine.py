@@ -64,7 +64,12 @@ def parse_args(argv, description: str, default_config: str, default_section: str
     p.add_argument("--fresh_if_missing", action="store_true", help="with --from_checkpoint: start fresh if none")
     p.add_argument("--evaluate", action="store_true", help="evaluate only")
     # Shortcuts for config keys (they win over --set).
-    p.add_argument("--mixed_precision", choices=PRECISIONS, help="sets mixed_precision (default auto: fp16 on a GPU)")
+    p.add_argument(
+        "--mixed_precision",
+        choices=PRECISIONS,
+        help="sets mixed_precision (default auto: bf16 where the hardware computes it fast, else fp16 on a GPU, "
+        "float32 on a CPU)",
+    )
     shard = p.add_mutually_exclusive_group()
     shard.add_argument("--shard_grad_op", action="store_true", help="sets sharding=shard_grad_op (FSDP2, ZeRO-2)")
     shard.add_argument("--full_shard", action="store_true", help="sets sharding=full_shard (FSDP2, ZeRO-3)")

@@ -3,6 +3,7 @@
 the same model a single process trains on the same global batch."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -176,23 +177,51 @@ def test_two_processes_train_the_model_one_process_trains(recipe, single, kind, 
         assert len(generated) == GLOBAL_BATCH and all(isinstance(c, str) and c for c in generated)
 
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
-def test_precision_is_decided_once_and_the_decision_stands(monkeypatch, gpu):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+CPU_AVX2 = distributed.Hardware("AMD EPYC (no AMX / AVX-512-BF16; torch kernels AVX2)", gpu=False, bf16_fast=False)
+CPU_AMX = distributed.Hardware("Intel Xeon (amx_bf16, avx512_bf16; torch kernels AVX512)", gpu=False, bf16_fast=True)
+GPU_VOLTA = distributed.Hardware("Tesla V100 (compute capability 7.0)", gpu=True, bf16_fast=False)
+GPU_HOPPER = distributed.Hardware("H100 (compute capability 9.0)", gpu=True, bf16_fast=True)
+
+
+@pytest.mark.parametrize("hw", [CPU_AVX2, CPU_AMX, GPU_VOLTA, GPU_HOPPER], ids=["avx2", "amx", "volta", "hopper"])
+def test_precision_follows_the_hardware_is_decided_once_and_the_decision_stands(hw):
+    auto = "bf16" if hw.bf16_fast else "fp16" if hw.gpu else "no"
     for requested, sharding, decided in [
-        ("auto", "none", "fp16" if gpu else "no"),
-        ("auto", "full_shard", "bf16" if gpu else "no"),  # FSDP2 has no fp16 grad scaler
-        ("fp16", "none", "fp16" if gpu else "no"),  # fp16 needs a GPU
+        ("auto", "none", auto),
+        ("auto", "full_shard", "bf16" if hw.gpu or hw.bf16_fast else "no"),  # FSDP2 has no fp16 grad scaler
+        ("fp16", "none", "fp16" if hw.gpu else "no"),  # fp16 needs a GPU
         ("bf16", "full_shard", "bf16"),
         ("no", "shard_grad_op", "no"),
     ]:
-        assert distributed.resolve_precision(requested, sharding) == decided
-        assert distributed.resolve_precision(decided, sharding) == decided  # deciding again changes nothing
-    if gpu:
+        assert distributed.resolve_precision(requested, sharding, hw) == decided
+        assert distributed.resolve_precision(decided, sharding, hw) == decided  # deciding again changes nothing
+    if hw.gpu:
         with pytest.raises(ValueError, match="bf16 or no, not fp16"):
-            distributed.resolve_precision("fp16", "full_shard")
+            distributed.resolve_precision("fp16", "full_shard", hw)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        distributed.resolve_precision("fp8")
+        distributed.resolve_precision("fp8", "none", hw)
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_warns_with_its_measured_cost(caplog):
+    distributed._warn_slow_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="helpers.distributed"):
+        assert distributed.resolve_precision("bf16", "none", CPU_AVX2) == "bf16"  # asked for: kept, with a warning
+        distributed.resolve_precision("bf16", "none", CPU_AVX2)
+    warnings = [r.getMessage() for r in caplog.records if "bf16 asked for" in r.getMessage()]
+    assert len(warnings) == 1, "warned once per process"
+    assert "AMD EPYC" in warnings[0] and "GFLOP/s" in warnings[0] and "mixed_precision: no" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="helpers.distributed"):
+        distributed.resolve_precision("bf16", "none", CPU_AMX)
+    assert not caplog.records
+
+
+def test_this_machine_is_described():
+    hw = distributed.hardware()
+    assert hw.gpu == torch.cuda.is_available() and hw.description
+    if not hw.gpu and Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text()
+        assert hw.bf16_fast == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def train_batches(recipe):
