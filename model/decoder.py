@@ -294,6 +294,14 @@ class PrismerTextDecoder(PreTrainedModel, GenerationMixin):
             raise TypeError("the Prismer decoder needs an EncoderDecoderCache to continue from a cache")
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> EncoderDecoderCache:
+        """Beam search: only the self-attention cache follows the beams. Beams
+        only move within one image, whose beams share its cross-attention keys
+        and values, so reordering those (every layer's, every step) would copy
+        them for nothing."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
+
     def prepare_inputs_for_generation(
         self,
         input_ids,

@@ -5,7 +5,6 @@ generation through Hugging Face `generate` with a key/value cache)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from model.decoder import CACHE_KEY, LABEL_SMOOTHING
 
@@ -131,36 +130,40 @@ def rank_answers(model, experts: dict, questions: list[str], answer_list: list[s
 def answer_scores(decoder, prefix, q_mask_BP, image_BND, a_ids_BKA, a_mask_BKA) -> torch.Tensor:
     """Mean label-smoothed log-likelihood (B, K) of K candidate answers after
     each question, in one decoder pass: the question's keys/values come from
-    its cached pass (`prefix`, used up here) and the encoder tokens are not
-    repeated; the K answers run side by side as one sequence of K*A tokens
-    whose mask lets each token see the question and its own answer's earlier
-    tokens. Equal to scoring each `question + answer` on its own."""
+    its cached pass (`prefix`, used up here), the encoder tokens are not
+    repeated, and the K answers' tokens (padding dropped) run packed side by
+    side as one sequence whose mask lets each token see the question and its
+    own answer's earlier tokens. Equal to scoring each `question + answer` alone."""
     B, K, A = a_ids_BKA.shape
     P = q_mask_BP.shape[1]
     pad = decoder.config.pad_token_id
-    tokens_BKA = a_ids_BKA != pad
-    # RoBERTa positions continue after the question's own tokens; padding keeps padding_idx.
-    pos_BKA = (q_mask_BP.sum(1)[:, None, None] + tokens_BKA.cumsum(-1)) * tokens_BKA + pad
-    same_TT = torch.arange(K, device=a_ids_BKA.device).repeat_interleave(A)
-    j_T = torch.arange(A, device=a_ids_BKA.device).repeat(K)
-    keep_BTT = (
-        (same_TT[:, None] == same_TT[None, :]) & (j_T[None, :] <= j_T[:, None]) & a_mask_BKA.flatten(1).bool()[:, None]
-    )
-    keep_B1TK = torch.cat([q_mask_BP.bool()[:, None, :].expand(B, K * A, P), keep_BTT], dim=2)[:, None]
+    tokens_BKA = a_mask_BKA.bool() & (a_ids_BKA != pad)
+    # Pack: a stable sort puts each row's answer tokens first, in candidate order.
+    order_BX = (~tokens_BKA).flatten(1).int().argsort(dim=1, stable=True)
+    total_B = tokens_BKA.flatten(1).sum(1)
+    T = int(total_B.max())
+    order_BT = order_BX[:, :T]
+    ids_BT = a_ids_BKA.flatten(1).gather(1, order_BT)
+    cand_BT, j_BT = order_BT // A, order_BT % A
+    # Slots past a row's own total hold padding of some candidate, after its last
+    # token: no real token sees them, and they are left out of the scores.
+    valid_BT = torch.arange(T, device=ids_BT.device) < total_B[:, None]
+    # RoBERTa positions: after the question's own tokens (its padding has none), the answer's.
+    pos_BT = q_mask_BP.sum(1, keepdim=True) + j_BT + 1 + pad
+    keep_BTT = (cand_BT[:, :, None] == cand_BT[:, None, :]) & (j_BT[:, None, :] <= j_BT[:, :, None])
+    keep_B1TK = torch.cat([q_mask_BP.bool()[:, None, :].expand(B, T, P), keep_BTT], dim=2)[:, None]
     mask_B1TK = torch.zeros(keep_B1TK.shape, device=keep_B1TK.device).masked_fill(~keep_B1TK, torch.finfo().min)
-    out = decoder(
-        a_ids_BKA.flatten(1),
-        mask_B1TK,
-        image_BND,
-        position_ids=pos_BKA.flatten(1),
-        cache=prefix[CACHE_KEY],
-        use_cache=True,
-    )
-    # Answer token 0 follows the question's last position; token j > 0 follows its own token j - 1.
-    logits_BKAV = torch.cat(
-        [prefix.logits[:, -1:, None].expand(B, K, 1, -1), out.logits.unflatten(1, (K, A))[:, :, :-1]], dim=2
-    )
-    nll_BKA = F.cross_entropy(
-        logits_BKAV.flatten(0, 2).float(), a_ids_BKA.flatten(), reduction="none", label_smoothing=LABEL_SMOOTHING
-    ).view(B, K, A)
-    return -(nll_BKA * tokens_BKA).sum(-1) / tokens_BKA.sum(-1)
+    out = decoder(ids_BT, mask_B1TK, image_BND, position_ids=pos_BT, cache=prefix[CACHE_KEY], use_cache=True)
+    # Token j > 0 is predicted at its answer's token j - 1 (the previous packed
+    # position), token 0 at the question's last position.
+    first = j_BT == 0
+    logits_BTV, q_BV = out.logits.float(), prefix.logits[:, -1].float()
+    V = logits_BTV.shape[-1]
+    prev_T = (torch.arange(T, device=ids_BT.device) - 1).clamp(min=0)
+    lse_BT = torch.where(first, q_BV.logsumexp(-1)[:, None], logits_BTV.logsumexp(-1)[:, prev_T])
+    mean_BT = torch.where(first, q_BV.mean(-1)[:, None], logits_BTV.mean(-1)[:, prev_T])
+    target_BT = torch.where(first, q_BV.gather(1, ids_BT), logits_BTV.flatten(1).gather(1, prev_T * V + ids_BT))
+    # Label-smoothed cross-entropy, as F.cross_entropy(label_smoothing=eps) computes it.
+    nll_BT = lse_BT - (1 - LABEL_SMOOTHING) * target_BT - LABEL_SMOOTHING * mean_BT
+    sums_BK = torch.zeros(B, K, device=ids_BT.device).scatter_add_(1, cand_BT, nll_BT * valid_BT)
+    return -sums_BK / tokens_BKA.sum(-1)

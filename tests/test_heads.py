@@ -173,6 +173,11 @@ def test_rank_answers_picks_the_best_scored_candidate(tokenizer):
     prefix = model.text_decoder(q_ids, q_mask, image, use_cache=True)
     fast = answer_scores(model.text_decoder, prefix, q_mask, image, a_ids[every_BK], a_mask[every_BK])
     torch.testing.assert_close(fast, scores, rtol=1e-5, atol=1e-5)
+    # Rows whose candidates differ in number of tokens (the packed rows' padding).
+    some_BK = torch.tensor([[5, 0, 1], [2, 3, 4]])
+    prefix = model.text_decoder(q_ids, q_mask, image, use_cache=True)
+    fast = answer_scores(model.text_decoder, prefix, q_mask, image, a_ids[some_BK], a_mask[some_BK])
+    torch.testing.assert_close(fast, scores.gather(1, some_BK), rtol=1e-5, atol=1e-5)
     top1 = model.rank_answers(x, questions, answer_list, k=1)
     assert top1.shape == (2,) and all(0 <= i < len(answer_list) for i in top1.tolist())
 
