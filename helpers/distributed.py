@@ -27,12 +27,8 @@ log = logging.getLogger(__name__)
 
 # A run's `mixed_precision` and `sharding` keys (helpers.config.RunConfig).
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-SHARDINGS = ("none", "shard_grad_op", "full_shard")
-PRECISION_NAMES = {
-    "no": "float32",
-    "fp16": "fp16 autocast (float32 weights)",
-    "bf16": "bf16 autocast (float32 weights)",
-}  # FSDP2: ZeRO-2, ZeRO-3
+SHARDINGS = ("none", "shard_grad_op", "full_shard")  # FSDP2: ZeRO-2, ZeRO-3
+PRECISION_NAMES = {"no": "float32", "fp16": "fp16 mixed (float32 weights)", "bf16": "bf16 mixed (float32 weights)"}
 
 # FSDP2 units: ViT block halves' owner, adaptors, resampler blocks, decoder
 # layers. Prismer runs some blocks in halves (attention, then an adaptor, then
