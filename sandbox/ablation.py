@@ -14,6 +14,12 @@ search, no pycocoevalcap), and the world's questions (colour, shape, count,
 which is closer) ask for exactly what the experts encode, while the README
 found world captions barely image-dependent.
 
+Scores are reported overall and per question type (colour, shape, count,
+yes/no, closer, sign), each beside the image-blind question prior and chance
+(a uniform guess among the answers a question can have). The world is
+answer-balanced (`WorldConfig.balance`), so the prior sits near chance;
+`--no-balance` generates the original world the older numbers came from.
+
 One world is generated with the largest N; a size-N run trains on a copy of the
 VQA training list keeping the first N scenes' questions (images linked, not
 copied) and is evaluated on the same test scenes as every other run. Every run

@@ -201,11 +201,19 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         "--train_scenes", type=int, default=WORLD.train_scenes, help="world size (a new --root for a new size)"
     )
     p.add_argument("--test_scenes", type=int, default=WORLD.test_scenes)
+    p.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=WORLD.balance,
+        help="answer-balanced questions (--no-balance: the original world, for the older numbers; a new --root)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    world = dataclasses.replace(WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes)
+    world = dataclasses.replace(
+        WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes, balance=args.balance
+    )
     root = generate(world, args.root)
     data = root / "data"
     values, options = {"output_dir": args.output_dir}, RunOptions(exp_name="world")
