@@ -14,6 +14,12 @@ search, no pycocoevalcap), and the world's questions (colour, shape, count,
 which is closer) ask for exactly what the experts encode, while the README
 found world captions barely image-dependent.
 
+Scores are reported overall and per question type (colour, shape, count,
+yes/no, closer, sign), each beside the image-blind question prior and chance
+(a uniform guess among the answers a question can have). The world is
+answer-balanced (`WorldConfig.balance`), so the prior sits near chance;
+`--no-balance` generates the original world the older numbers came from.
+
 One world is generated with the largest N; a size-N run trains on a copy of the
 VQA training list keeping the first N scenes' questions (images linked, not
 copied) and is evaluated on the same test scenes as every other run. Every run
@@ -44,7 +50,7 @@ from helpers import checkpoint
 from helpers.config import load_config
 from helpers.engine import RunOptions, run
 from helpers.tasks import VQA
-from sandbox.quickstart import RECIPES, vqa_question_prior, world_config
+from sandbox.quickstart import RECIPES, question_prior_answers, vqa_chance, vqa_scores, world_config
 from sandbox.world import WorldConfig, generate, image_name
 
 log = logging.getLogger("ablation")
@@ -58,7 +64,10 @@ MODELS = {
     "obj_detection": ["obj_detection"],
 }
 PRIOR = "question prior (no image)"  # most frequent training answer to the same question
+CHANCE = "chance"  # a uniform guess among the answers each test question can have
 CORRUPTIONS = ("noise", "shuffle")
+REFERENCE_STYLE = {PRIOR: "--", CHANCE: ":"}  # image-blind references, drawn black
+TYPE_PREFIX = "accuracy "  # a row's per-type columns: "accuracy colour", ...
 # Sized by measurement on an idle 2-core CPU: a step of 16 costs ~0.36 s with
 # all six experts (~0.12 s RGB only) and a final evaluation of 100 test scenes
 # ~17 s. Default steps: one pass over the 576 scenes' questions (two over --fast's 96).
@@ -167,23 +176,34 @@ def last_checkpoint(run_dir: Path) -> Path:
     return found
 
 
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and std (over seeds) of accuracy per experiment, model and size."""
+    """Mean and std (over seeds) of accuracy per experiment, model and size,
+    overall and per question type (`per_type`: type -> [mean, std])."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["experiment"], r["model"], r["train_scenes"], r["steps"])].append(r["accuracy"])
-    return [
-        {
-            "experiment": e,
-            "model": m,
-            "train_scenes": n,
-            "steps": steps,
-            "seeds": len(v),
-            "mean": statistics.fmean(v),
-            "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-        }
-        for (e, m, n, steps), v in groups.items()
-    ]
+        groups[(r["experiment"], r["model"], r["train_scenes"], r["steps"])].append(r)
+    summary = []
+    for (e, m, n, steps), rs in groups.items():
+        mean, std = _stats([r["accuracy"] for r in rs])
+        kinds = [k for k in rs[0] if k.startswith(TYPE_PREFIX)]
+        per_type = {k.removeprefix(TYPE_PREFIX): list(_stats([r[k] for r in rs])) for k in kinds}
+        summary.append(
+            {
+                "experiment": e,
+                "model": m,
+                "train_scenes": n,
+                "steps": steps,
+                "seeds": len(rs),
+                "mean": mean,
+                "std": std,
+                "per_type": per_type,
+            }
+        )
+    return summary
 
 
 def plot(summary: list[dict], path: Path) -> Path:
@@ -207,8 +227,8 @@ def plot(summary: list[dict], path: Path) -> Path:
                 [s["mean"] for s in pts],
                 yerr=[s["std"] for s in pts],
                 marker=marker,
-                linestyle="--" if model == PRIOR else style,
-                color="black" if model == PRIOR else None,
+                linestyle=REFERENCE_STYLE.get(model, style),
+                color="black" if model in REFERENCE_STYLE else None,
                 capsize=3,
                 label=model,
             )
@@ -226,6 +246,52 @@ def plot(summary: list[dict], path: Path) -> Path:
     return path
 
 
+def plot_per_type(summary: list[dict], path: Path) -> Path:
+    """One panel per question type: accuracy vs training scenes per model of
+    the data experiment (mean ± std over seeds), beside the prior and chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for s in summary for k in s["per_type"]})
+    cols = 3
+    rows = -(-len(kinds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    by_model = defaultdict(list)
+    for s in summary:
+        if s["experiment"] == "data":
+            by_model[s["model"]].append(s)
+    sizes = sorted({s["train_scenes"] for s in summary})
+    for ax, kind in zip(axes.flat, kinds):
+        for model, pts in sorted(by_model.items()):
+            pts = sorted((s for s in pts if kind in s["per_type"]), key=lambda s: s["train_scenes"])
+            ax.errorbar(
+                [s["train_scenes"] for s in pts],
+                [s["per_type"][kind][0] for s in pts],
+                yerr=[s["per_type"][kind][1] for s in pts],
+                marker="o",
+                linestyle=REFERENCE_STYLE.get(model, "-"),
+                color="black" if model in REFERENCE_STYLE else None,
+                capsize=3,
+                label=model,
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_title(kind)
+        ax.set_xlabel("training scenes")
+        ax.set_ylabel("accuracy (%)")
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("VQA accuracy per question type (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_results(rows: list[dict], summary: list[dict], out: Path) -> None:
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -236,11 +302,14 @@ def write_results(rows: list[dict], summary: list[dict], out: Path) -> None:
 
 def print_table(summary: list[dict]) -> None:
     width = max(len(s["model"]) for s in summary)
-    print(f"\n{'experiment':<10} {'model':<{width}} {'scenes':>6} {'steps':>5} {'seeds':>5} {'accuracy':>14}")
+    kinds = sorted({k for s in summary for k in s["per_type"]})
+    head = "".join(f" {k:>12}" for k in kinds)
+    print(f"\n{'experiment':<10} {'model':<{width}} {'scenes':>6} {'steps':>5} {'seeds':>5} {'accuracy':>12}{head}")
     for s in summary:
-        acc = f"{s['mean']:.1f} ± {s['std']:.1f}"
+        cells = [f"{s['mean']:.1f} ± {s['std']:.1f}"]
+        cells += [f"{s['per_type'][k][0]:.1f} ± {s['per_type'][k][1]:.1f}" if k in s["per_type"] else "" for k in kinds]
         cols = f"{s['train_scenes']:>6} {s['steps']:>5} {s['seeds']:>5}"
-        print(f"{s['experiment']:<10} {s['model']:<{width}} {cols} {acc:>14}")
+        print(f"{s['experiment']:<10} {s['model']:<{width}} {cols}" + "".join(f" {c:>12}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -258,6 +327,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--robust_size", type=int, help="training scenes of the robustness runs")
     p.add_argument("--steps", type=int, help="approximate training steps per run (rounded to whole epochs)")
     p.add_argument("--world_resolution", type=int, default=128)
+    p.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an answer-balanced world (--no-balance: the original generator, for the older numbers)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.fast].items():
@@ -274,9 +349,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     t0 = time.perf_counter()
     cfg = WorldConfig(
-        train_scenes=max(*args.sizes, args.robust_size), test_scenes=args.test_scenes, resolution=args.world_resolution
+        train_scenes=max(*args.sizes, args.robust_size),
+        test_scenes=args.test_scenes,
+        resolution=args.world_resolution,
+        balance=args.balance,
     )
-    root = Path(args.root or f"data/ablation_world_{cfg.train_scenes}_{cfg.test_scenes}_{cfg.resolution}")
+    name = f"ablation_world_{cfg.train_scenes}_{cfg.test_scenes}_{cfg.resolution}" + ("_balanced" * cfg.balance)
+    root = Path(args.root or Path("data") / name)
     world = generate(cfg, root)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,20 +367,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs += [("robust", f"Prismer, {e} {mode}", ALL_EXPERTS, (e, mode), args.robust_size) for e, mode in corruptions]
     subsets = {n: subset_data(world, cfg, n, out / "data" / f"train{n}") for n in {n for *_, n in jobs}}
     rows = []
-    for n in sorted(subsets):  # the image-blind reference each size's models must beat
-        rows.append(
-            {
-                "experiment": "data",
-                "model": PRIOR,
-                "experts": "",
-                "train_scenes": n,
-                "seed": 0,
-                "epochs": 0,
-                "steps": 0,
-                "accuracy": vqa_question_prior(subsets[n][0]),
-                "seconds": 0.0,
-            }
-        )
+    chance = vqa_chance(world / "data", cfg)
+
+    def scored(scores: dict) -> dict:
+        return {"accuracy": scores["overall"]} | {TYPE_PREFIX + k: v for k, v in scores["per_type"].items()}
+
+    for n in sorted(subsets):  # the image-blind references each size's models must beat
+        for model, scores in (
+            (PRIOR, vqa_scores(subsets[n][0], question_prior_answers(subsets[n][0]))),
+            (CHANCE, chance),
+        ):
+            row = {"experiment": "data", "model": model, "experts": "", "train_scenes": n, "seed": 0}
+            rows.append(row | {"epochs": 0, "steps": 0} | scored(scores) | {"seconds": 0.0})
     for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
         data, questions = subsets[n]
         epochs = epochs_for(args.steps, questions, batch)
@@ -313,7 +390,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in range(args.seeds):
             t = time.perf_counter()
             run_dir = out / "runs" / f"{experiment}_{model}_{n}_{seed}".replace(", ", "_").replace(" ", "_")
-            metrics = train_eval(world, point | {"seed": seed, "output_dir": str(run_dir)}, args.set)
+            train_eval(world, point | {"seed": seed, "output_dir": str(run_dir)}, args.set)
+            answers = json.loads((run_dir / "vqa_run" / "vqa_submission.json").read_text())
+            scores = vqa_scores(data, {r["question_id"]: r["answer"] for r in answers})
             rows.append(
                 {
                     "experiment": experiment,
@@ -323,16 +402,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "seed": seed,
                     "epochs": epochs,
                     "steps": json.loads((last_checkpoint(run_dir) / "progress.json").read_text())["step"],
-                    "accuracy": metrics["eval/accuracy"],
-                    "seconds": round(time.perf_counter() - t, 1),
                 }
+                | scored(scores)
+                | {"seconds": round(time.perf_counter() - t, 1)}
             )
             log.info("%s, %d scenes, seed %d: accuracy %.1f", model, n, seed, rows[-1]["accuracy"])
     summary = summarise(rows)
     write_results(rows, summary, out)
     png = plot(summary, out / "ablation.png")
+    per_type = plot_per_type(summary, out / "ablation_per_type.png")
     print_table(summary)
-    print(f"({time.perf_counter() - t0:.0f} s in all; runs in {out / 'runs.csv'}, plot {png})")
+    print(f"({time.perf_counter() - t0:.0f} s in all; runs in {out / 'runs.csv'}, plots {png}, {per_type})")
     return rows
 
 

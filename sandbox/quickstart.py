@@ -6,7 +6,9 @@ every expert from random init through the engine the scripts run
 engine's evaluation (COCO caption metrics, VQA accuracy), writes sample
 captions beside their images (an HTML page), and prints a results table
 against baselines that ignore the image (the most frequent training caption
-for every image; the most frequent training answer, overall and per question text).
+for every image; the most frequent training answer, overall and per question
+text) and chance, VQA per question type, and how much of each image the
+captions name correctly (`grounded_scores`, from the world's scene facts).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import html
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -27,12 +30,14 @@ from helpers.config import RunConfig, load_config
 from helpers.engine import RunOptions, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
 from helpers.tasks import CAPTION, VQA
-from sandbox.world import WorldConfig, generate
+from sandbox.world import COLOURS, SHAPES, WorldConfig, answer_choices, generate
 
 log = logging.getLogger("quickstart")
 # Sized so both tasks train and evaluate in about ten minutes on 2 CPU cores.
-WORLD = WorldConfig(train_scenes=600, test_scenes=100)
+WORLD = WorldConfig(train_scenes=600, test_scenes=100, balance=True)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRIOR = "most frequent answer to the same question"
+CHANCE = "chance (a uniform guess among the question's answers)"
 RECIPES = {"caption": CONFIGS / "world_caption.yaml", "vqa": CONFIGS / "world_vqa.yaml"}
 
 
@@ -65,12 +70,24 @@ def _votes(entries: list[dict]) -> Counter:
     return votes
 
 
+def vqa_scores(data_path: Path, answers: Mapping[int, str]) -> dict:
+    """VQA accuracy of `answers` (question_id -> answer) on the test list:
+    `overall` and `per_type`, by the world's question type (each test entry's
+    `question_type`, where it has one, scored as the metric's answer type)."""
+    test = json.loads((data_path / "vqav2_test.json").read_text())
+    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
+    for t, e in zip(truth, test):
+        if "question_type" in e:
+            t["answer_type"] = e["question_type"]
+    results = [{"question_id": e["question_id"], "answer": answers[e["question_id"]]} for e in test]
+    scores = vqa_accuracy(results, truth)
+    return {"overall": scores["overall"], "per_type": scores["per_answer_type"]}
+
+
 def _vqa_score(data_path: Path, answer_for) -> float:
     """VQA accuracy on the test list of answering each entry with `answer_for(entry)`."""
     test = json.loads((data_path / "vqav2_test.json").read_text())
-    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
-    results = [{"question_id": e["question_id"], "answer": answer_for(e)} for e in test]
-    return vqa_accuracy(results, truth)["overall"]
+    return vqa_scores(data_path, {e["question_id"]: answer_for(e) for e in test})["overall"]
 
 
 def vqa_baseline(data_path: Path) -> tuple[str, float]:
@@ -79,17 +96,75 @@ def vqa_baseline(data_path: Path) -> tuple[str, float]:
     return answer, _vqa_score(data_path, lambda e: answer)
 
 
-def vqa_question_prior(data_path: Path) -> float:
-    """Accuracy of answering each test question with the most frequent training
-    answer to the same question text (unseen questions get the overall one):
-    what a model can learn from the training answers alone, without the image."""
+def question_prior_answers(data_path: Path) -> dict[int, str]:
+    """question_id -> the most frequent training answer to the same question
+    text (unseen questions get the overall one): what a model can learn from
+    the training answers alone, without the image."""
     train = json.loads((data_path / "vqav2_train_val.json").read_text())
     by_question = {}
     for e in train:
         by_question.setdefault(e["question"], []).append(e)
     best = {q: _votes(es).most_common(1)[0][0] for q, es in by_question.items()}
     fallback = _votes(train).most_common(1)[0][0]
-    return _vqa_score(data_path, lambda e: best.get(e["question"], fallback))
+    test = json.loads((data_path / "vqav2_test.json").read_text())
+    return {e["question_id"]: best.get(e["question"], fallback) for e in test}
+
+
+def vqa_question_prior(data_path: Path) -> float:
+    """Accuracy of the question prior (`question_prior_answers`) on the test list."""
+    return vqa_scores(data_path, question_prior_answers(data_path))["overall"]
+
+
+def vqa_chance(data_path: Path, cfg: WorldConfig) -> dict:
+    """Expected accuracy of a uniform guess among the answers each test
+    question can have (`sandbox.world.answer_choices`), overall and per type."""
+    per_type = {}
+    for e in json.loads((data_path / "vqav2_test.json").read_text()):
+        q = {"type": e["question_type"], "question": e["question"]}
+        per_type.setdefault(e["question_type"], []).append(100 / answer_choices(q, cfg))
+    every = [v for vs in per_type.values() for v in vs]
+    return {"overall": sum(every) / len(every), "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())}}
+
+
+def named_pairs(caption: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names: a colour word followed by a
+    shape word, singular or plural ('two red cubes' names (red, cube))."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    return {
+        (c, s.removesuffix("s")) for c, s in zip(words, words[1:]) if c in COLOURS and s.removesuffix("s") in SHAPES
+    }
+
+
+def grounded_scores(captions: Mapping[Any, str], scenes: Mapping[Any, dict]) -> dict[str, float]:
+    """How much of each image a caption gets right, from the scene's facts:
+    `objects named`, the mean over images of the fraction of objects whose
+    colour and shape the caption names; `named exist`, of all colour-shape
+    pairs the captions name, the percentage present in their scene."""
+    named = exist = 0
+    recall = []
+    for key, caption in captions.items():
+        pairs = named_pairs(caption)
+        present = [(o["colour"], o["shape"]) for o in scenes[key]["objects"]]
+        recall.append(sum(p in pairs for p in present) / len(present))
+        named += len(pairs)
+        exist += len(pairs & set(present))
+    return {"objects named": 100 * sum(recall) / len(recall), "named exist": 100 * exist / max(named, 1)}
+
+
+def best_constant_caption(data_path: Path, scenes: Mapping[Any, dict]) -> str:
+    """The training caption that, given to every training image, scores the
+    highest grounded F1 (harmonic mean of `grounded_scores`' two numbers)."""
+    train = json.loads((data_path / "coco_karpathy_train.json").read_text())
+    images = sorted({e["image"] for e in train})
+    by_pairs = {}
+    for caption in sorted({e["caption"] for e in train}):
+        by_pairs.setdefault(frozenset(named_pairs(caption)), caption)
+
+    def f1(caption):
+        g = grounded_scores(dict.fromkeys(images, caption), scenes)
+        return 2 * g["objects named"] * g["named exist"] / max(g["objects named"] + g["named exist"], 1e-9)
+
+    return max(by_pairs.values(), key=f1)
 
 
 def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:
@@ -126,34 +201,64 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         "--train_scenes", type=int, default=WORLD.train_scenes, help="world size (a new --root for a new size)"
     )
     p.add_argument("--test_scenes", type=int, default=WORLD.test_scenes)
+    p.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=WORLD.balance,
+        help="answer-balanced questions (--no-balance: the original world, for the older numbers; a new --root)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    world = dataclasses.replace(WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes)
+    world = dataclasses.replace(
+        WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes, balance=args.balance
+    )
     root = generate(world, args.root)
     data = root / "data"
     values, options = {"output_dir": args.output_dir}, RunOptions(exp_name="world")
     rows = []
+    model = "Prismer, all experts"
     if args.task in ("caption", "both"):
         metrics = run(CAPTION, world_config("caption", root, values, args.set), options)
         page = write_samples(Path(args.output_dir) / "caption_world", data)
         log.info("sample captions beside their images: %s", page)
         caption, base = caption_baseline(data)
         for key in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
-            rows.append(("caption", "Prismer, all experts", key, 100 * metrics[f"eval/{key}"]))
+            rows.append(("caption", model, key, 100 * metrics[f"eval/{key}"]))
             rows.append(("caption", f"most frequent caption ({caption!r})", key, 100 * base[key]))
+        results = json.loads((Path(args.output_dir) / "caption_world" / "caption_results_coco.json").read_text())
+        scenes = json.loads((root / "scenes.json").read_text())
+        by_id = {s["index"] + 1: s for s in scenes}
+        best = best_constant_caption(data, {s["image"]: s for s in scenes})
+        written = {r["image_id"]: r["caption"] for r in results}
+        for name, captions in (
+            (model, written),
+            (f"most frequent caption ({caption!r})", dict.fromkeys(written, caption)),
+            (f"best constant caption ({best!r})", dict.fromkeys(written, best)),
+        ):
+            rows.append(("caption", name, "distinct", len(set(captions.values()))))
+            rows += [("caption", name, k, v) for k, v in grounded_scores(captions, by_id).items()]
     if args.task in ("vqa", "both"):
         metrics = run(VQA, world_config("vqa", root, values, args.set), options)
+        answers = json.loads((Path(args.output_dir) / "vqa_world" / "vqa_submission.json").read_text())
+        scores = vqa_scores(data, {r["question_id"]: r["answer"] for r in answers})
         answer, base = vqa_baseline(data)
-        rows.append(("vqa", "Prismer, all experts", "accuracy", metrics["eval/accuracy"]))
+        prior, chance = vqa_scores(data, question_prior_answers(data)), vqa_chance(data, world)
+        rows.append(("vqa", model, "accuracy", metrics["eval/accuracy"]))
         rows.append(("vqa", f"most frequent answer ({answer!r})", "accuracy", base))
-        rows.append(("vqa", "most frequent answer to the same question", "accuracy", vqa_question_prior(data)))
+        rows.append(("vqa", PRIOR, "accuracy", prior["overall"]))
+        rows.append(("vqa", CHANCE, "accuracy", chance["overall"]))
+        for kind in chance["per_type"]:
+            rows += [
+                ("vqa", name, kind, v["per_type"][kind])
+                for name, v in ((model, scores), (PRIOR, prior), (CHANCE, chance))
+            ]
     print(f"\nResults on the synthetic world's test split ({time.perf_counter() - t0:.0f} s in all)")
     width = max(len(r[1]) for r in rows)
-    print(f"{'task':<8} {'model':<{width}} {'metric':<9} {'score':>7}")
-    for task, model, metric, score in rows:
-        print(f"{task:<8} {model:<{width}} {metric:<9} {score:7.1f}")
+    print(f"{'task':<8} {'model':<{width}} {'metric':<13} {'score':>7}")
+    for task, name, metric, score in rows:
+        print(f"{task:<8} {name:<{width}} {metric:<13} {score:7.1f}")
     return rows
 
 

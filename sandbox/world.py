@@ -74,6 +74,7 @@ SEG_CLASSES = ("floor", "wall", "sign", *SHAPES)
 DET_CLASSES = (*SHAPES, "sign")
 CHUNK = 128
 MIN_VISIBLE = 0.4  # of an object's own area; else the layout is redrawn
+QUESTION_TYPES = ("colour", "shape", "count", "yes/no", "closer", "sign")
 
 
 class WorldConfigError(ValueError):
@@ -100,6 +101,10 @@ class WorldConfig:
     captions_per_image: int = 5
     questions_per_image: int = 4
     jpeg_quality: int = 90
+    # Answer-balanced questions (`_plan`): over the images that receive a question text, its
+    # answers are near uniform, so an image-blind prior scores about chance. False is the
+    # original generator, byte for byte.
+    balance: bool = False
 
     def __post_init__(self):
         def bad(msg):
@@ -135,6 +140,8 @@ class WorldConfig:
             bad("need at least one caption and one question per image")
         if not 1 <= self.jpeg_quality <= 100:
             bad(f"jpeg_quality {self.jpeg_quality} is not in 1..100")
+        if not isinstance(self.balance, bool):
+            bad(f"balance must be true or false, got {self.balance!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldConfig:
@@ -145,7 +152,10 @@ class WorldConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.balance:  # the key is newer than the original worlds: their config files stay as they were
+            del d["balance"]
+        return d
 
     @property
     def num_scenes(self) -> int:
@@ -214,34 +224,39 @@ def _word_mask(word: str) -> np.ndarray:
     return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def _layout(cfg: WorldConfig, rng: np.random.Generator) -> dict:
-    """Scene facts in image fractions: objects far to near (distinct depths)."""
+def _layout(cfg: WorldConfig, rng: np.random.Generator, plan: dict | None = None) -> dict:
+    """Scene facts in image fractions: objects far to near (distinct depths).
+    A balanced world's `plan` fixes the objects' colours and shapes (far to near)
+    and the sign's word; positions and sizes are drawn here either way."""
     horizon = rng.uniform(0.35, 0.5)
-    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1)) if plan is None else len(plan["objects"])
     # Distinct base rows (= depths), at least 0.05 apart so 'closer' is unambiguous.
     lo, hi = horizon + 0.12, 0.96
     gaps = rng.dirichlet(np.ones(n + 1)) * (hi - lo - 0.05 * (n - 1))
     bases = lo + np.cumsum(gaps[:n]) + 0.05 * np.arange(n)
     objects = []
-    for base in bases:
+    for i, base in enumerate(bases):
         closeness = (base - horizon) / (1 - horizon)
         size = str(rng.choice(cfg.sizes))
         h = SIZES[size] * (0.7 + 0.5 * closeness)
-        shape = str(rng.choice(cfg.shapes))
+        shape = str(rng.choice(cfg.shapes)) if plan is None else plan["objects"][i][1]
         w = h * (0.8 if shape == "cylinder" else 0.95 if shape == "cone" else 1.0)
         x = rng.uniform(0.08 + w / 2, 0.92 - w / 2)
         objects.append(
             {
                 "shape": shape,
-                "colour": str(rng.choice(cfg.colours)),
+                "colour": str(rng.choice(cfg.colours)) if plan is None else plan["objects"][i][0],
                 "size": size,
                 "box": [float(x - w / 2), float(base - h), float(x + w / 2), float(base)],
                 "closeness": float(closeness),
             }
         )
     sign = None
-    if rng.random() < cfg.sign_fraction:
-        word = str(rng.choice(cfg.words))
+    if plan is None:
+        word = str(rng.choice(cfg.words)) if rng.random() < cfg.sign_fraction else None
+    else:
+        word = plan["word"]
+    if word is not None:
         w, h = 0.12 * len(word) + 0.06, 0.13
         x, y = rng.uniform(0.04, 0.96 - w), rng.uniform(0.03, max(0.031, horizon - h - 0.04))
         sign = {"word": word, "box": [float(x), float(y), float(x + w), float(y + h)]}
@@ -375,19 +390,21 @@ def make_scene(cfg: WorldConfig, index: int) -> tuple[dict, dict]:
     """(facts, rendered arrays) of scene `index`; a layout where an object is
     mostly hidden or the sign's text is covered is drawn again."""
     rng = np.random.default_rng([cfg.seed, index])
+    plan = _plan(cfg, rng) if cfg.balance else None
     for _ in range(50):
-        scene = _layout(cfg, rng)
+        scene = _layout(cfg, rng, plan)
         out = render(scene, cfg.resolution)
         if min(out["visible"]) >= MIN_VISIBLE and out["sign_visible"] >= 0.9:
             break
-        if scene["sign"] is not None and min(out["visible"]) >= MIN_VISIBLE:
+        # A balanced plan may ask about its sign: redraw the layout rather than drop it.
+        if plan is None and scene["sign"] is not None and min(out["visible"]) >= MIN_VISIBLE:
             scene["sign"] = None  # keep the objects, drop the covered sign
             out = render(scene, cfg.resolution)
             break
     else:  # pragma: no cover - a config that cannot fit its objects
         raise WorldConfigError(f"scene {index}: no layout keeps every object visible; allow fewer objects")
     scene["captions"] = captions(scene, rng, cfg.captions_per_image)
-    scene["questions"] = questions(scene, rng, cfg)
+    scene["questions"] = questions(scene, rng, cfg) if plan is None else balanced_questions(scene, rng, plan, cfg)
     return scene, out
 
 
@@ -471,6 +488,90 @@ def questions(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> list[d
         pool.append(("sign", "what does the sign say?", scene["sign"]["word"]))
     order = rng.permutation(len(pool))[: cfg.questions_per_image]
     return [{"type": pool[i][0], "question": pool[i][1], "answer": pool[i][2]} for i in order]
+
+
+def _plan(cfg: WorldConfig, rng: np.random.Generator) -> dict:
+    """A balanced scene's plan: its sign's word, its question types (at most one
+    of each), the count question with an answer drawn uniformly, and objects
+    (colour, shape), far to near, that make that answer true.
+
+    Only counts need the scene built around them. The other answers come out
+    near uniform per question text from the draws' symmetry (every colour and
+    shape alike, pairs asked in random order) and from how `balanced_questions`
+    picks their subjects; which types an image gets is drawn before its objects,
+    so it cannot depend on their answers."""
+    word = str(rng.choice(cfg.words)) if rng.random() < cfg.sign_fraction else None
+    types = [t for t in QUESTION_TYPES if t != "sign" or word is not None]
+    types = [types[i] for i in rng.permutation(len(types))[: cfg.questions_per_image]]
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    shapes = [str(rng.choice(cfg.shapes)) for _ in range(n)]
+    count = None
+    if "count" in types:
+        if rng.random() < 1 / (len(cfg.shapes) + 1):  # as often as any one shape's count
+            count = ("how many objects are there?", n)
+        else:
+            shape = str(rng.choice(cfg.shapes))
+            others = [s for s in cfg.shapes if s != shape]
+            k = int(rng.integers(0 if others else cfg.min_objects, cfg.max_objects + 1))
+            n = int(rng.integers(max(k, cfg.min_objects), cfg.max_objects + 1)) if others else k
+            shapes = [shape] * k + [str(rng.choice(others)) for _ in range(n - k)]
+            count = (f"how many {_plural(shape)} are there?", k)
+    shapes = [shapes[i] for i in rng.permutation(n)]
+    objects = [(str(rng.choice(cfg.colours)), s) for s in shapes]
+    return {"word": word, "types": types, "count": count, "objects": objects}
+
+
+def balanced_questions(scene: dict, rng: np.random.Generator, plan: dict, cfg: WorldConfig) -> list[dict]:
+    """The questions of a balanced scene's plan, in its type order; a colour,
+    shape or closer question is left out where no object makes its text
+    unambiguous. A yes/no question is 'yes' half the time (about a random
+    object) and otherwise about a colour-shape pair the scene lacks."""
+    objs = scene["objects"]
+    shapes, colours = Counter(o["shape"] for o in objs), Counter(o["colour"] for o in objs)
+    present = {(o["colour"], o["shape"]) for o in objs}
+    unique = [o for o in objs if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in objs) == 1]
+    picked = []
+    for kind in plan["types"]:
+        if kind == "colour":
+            pool = [o for o in objs if shapes[o["shape"]] == 1]
+            if pool:
+                o = pool[int(rng.integers(len(pool)))]
+                picked.append((kind, f"what colour is the {o['shape']}?", o["colour"]))
+        elif kind == "shape":
+            pool = [o for o in objs if colours[o["colour"]] == 1]
+            if pool:
+                o = pool[int(rng.integers(len(pool)))]
+                picked.append((kind, f"what shape is the {o['colour']} object?", o["shape"]))
+        elif kind == "count":
+            question, k = plan["count"]
+            picked.append((kind, question, str(k)))
+        elif kind == "yes/no":
+            absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
+            if absent and rng.random() < 0.5:
+                c, s = absent[int(rng.integers(len(absent)))]
+            else:
+                o = objs[int(rng.integers(len(objs)))]
+                c, s = o["colour"], o["shape"]
+            picked.append((kind, f"is there a {c} {s}?", "yes" if (c, s) in present else "no"))
+        elif kind == "closer" and len(unique) >= 2:
+            a, b = (unique[i] for i in rng.choice(len(unique), 2, replace=False))
+            closer = max(a, b, key=lambda o: o["closeness"])
+            q = f"which is closer, the {_phrase(a, False)} or the {_phrase(b, False)}?"
+            picked.append((kind, q, _phrase(closer, False)))
+        elif kind == "sign":
+            picked.append((kind, "what does the sign say?", scene["sign"]["word"]))
+    return [{"type": t, "question": q, "answer": a} for t, q, a in picked]
+
+
+def answer_choices(question: dict, cfg: WorldConfig) -> int:
+    """How many answers a world question of this text can have: a guess among
+    them is right 1 time in this many (the chance level of its type)."""
+    kind = question["type"]
+    if kind == "count":
+        lo = cfg.min_objects if question["question"] == "how many objects are there?" else 0
+        return cfg.max_objects + 1 - lo
+    sizes = {"colour": len(cfg.colours), "shape": len(cfg.shapes), "sign": len(cfg.words)}
+    return sizes.get(kind, 2)  # yes/no; closer names its two candidates
 
 
 def answer_list(cfg: WorldConfig) -> list[str]:

@@ -15,7 +15,7 @@ from PIL import Image
 from dataset.datasets import make_reader
 from sandbox import ablation
 from sandbox.world import WorldConfig, generate, image_name
-from tests.test_quickstart import exact_accuracy, question_prior
+from tests.test_quickstart import answers_a_question_can_have, exact_accuracy, question_prior
 
 TINY = WorldConfig(train_scenes=8, test_scenes=4, resolution=64)
 
@@ -107,16 +107,21 @@ def test_schedule_keys_are_refused_before_anything_is_generated(tmp_path, capsys
     assert not (tmp_path / "w").exists()
 
 
+def read_submission(path: Path) -> dict:
+    return {r["question_id"]: r["answer"] for r in json.loads(path.read_text())}
+
+
 def test_fast_ablation_end_to_end(world, tmp_path):
     out = tmp_path / "out"
     argv = ["--fast", "--root", str(world), "--output_dir", str(out), "--sizes", "4", "8"]
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
     argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8", "--steps", "16", "--set", "batch_size_train=2"]
+    argv += ["--no-balance"]  # the original generator: TINY's world
     rows = ablation.main(argv)
 
     # Every size x model x seed trained once: PrismerZ at 4 and 8 scenes, clean Prismer at 8
     # (the reference), Prismer with noisy seg at 8; the image-blind question prior once per size.
-    trained = [r for r in rows if r["model"] != ablation.PRIOR]
+    trained = [r for r in rows if r["model"] not in (ablation.PRIOR, ablation.CHANCE)]
     points = {"PrismerZ": [4, 8], "Prismer": [8], "Prismer, seg_coco noise": [8]}
     assert sorted((r["model"], r["train_scenes"], r["seed"]) for r in trained) == sorted(
         (m, n, seed) for m, sizes in points.items() for n in sizes for seed in (0, 1)
@@ -132,12 +137,21 @@ def test_fast_ablation_end_to_end(world, tmp_path):
     # The prior is the question prior of each size's training list (its first scenes' questions).
     all_train = json.loads((world / "data" / "vqav2_train_val.json").read_text())
     test = json.loads((world / "data" / "vqav2_test.json").read_text())
-    priors = {r["train_scenes"]: r["accuracy"] for r in rows if r["model"] == ablation.PRIOR}
+    kinds = sorted({e["question_type"] for e in test})
+    priors = {r["train_scenes"]: r for r in rows if r["model"] == ablation.PRIOR}
     assert priors.keys() == {4, 8}
-    for n, accuracy in priors.items():
+    for n, row in priors.items():
         first = {image_name(i, TINY) for i in range(n)}
-        train = [e for e in all_train if e["image"] in first]
-        assert accuracy == pytest.approx(exact_accuracy(question_prior(train, test), test))
+        prior = question_prior([e for e in all_train if e["image"] in first], test)
+        assert row["accuracy"] == pytest.approx(exact_accuracy(prior, test))
+        for kind in kinds:  # and per question type, on that type's questions
+            of_kind = [e for e in test if e["question_type"] == kind]
+            assert row[f"accuracy {kind}"] == pytest.approx(exact_accuracy(prior, of_kind))
+    # Chance: the mean over a type's test questions of 1 / the answers its text can have.
+    for row in (r for r in rows if r["model"] == ablation.CHANCE):
+        for kind in kinds:
+            guess = [100 / answers_a_question_can_have(e["question"]) for e in test if e["question_type"] == kind]
+            assert row[f"accuracy {kind}"] == pytest.approx(sum(guess) / len(guess))
 
     # Each run trained what its row says: its experts, seed, training list and label tree.
     noisy = out / "labels" / "seg_coco_noise"
@@ -148,18 +162,28 @@ def test_fast_ablation_end_to_end(world, tmp_path):
         assert (cfg["seed"], cfg["max_epoch"], cfg["batch_size_train"]) == (r["seed"], r["epochs"], 2)
         assert Path(cfg["data_path"]) == out / "data" / f"train{r['train_scenes']}"
         assert Path(cfg["label_path"]) == (noisy if r["experiment"] == "robust" else world / "labels")
-        assert 0 <= r["accuracy"] <= 100
+        submission = read_submission(out / "runs" / name / "vqa_run" / "vqa_submission.json")
+        assert r["accuracy"] == pytest.approx(exact_accuracy(submission, test))
+        for kind in kinds:
+            of_kind = [e for e in test if e["question_type"] == kind]
+            assert r[f"accuracy {kind}"] == pytest.approx(exact_accuracy(submission, of_kind))
 
     # runs.csv holds every row; summary.json the mean and std over seeds of each point.
     with open(out / "runs.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert csv_rows == [{k: str(v) for k, v in r.items()} for r in rows]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary) == 6  # PrismerZ at 2 sizes, Prismer, Prismer with noise, the prior at 2 sizes
+    assert len(summary) == 8  # PrismerZ at 2 sizes, Prismer, Prismer with noise, prior and chance at 2 sizes
     for s in summary:
-        accs = [r["accuracy"] for r in rows if (r["model"], r["train_scenes"]) == (s["model"], s["train_scenes"])]
-        assert s["seeds"] == len(accs) == (1 if s["model"] == ablation.PRIOR else 2)
-        assert s["mean"] == pytest.approx(statistics.fmean(accs))
-        assert s["std"] == pytest.approx(statistics.stdev(accs) if len(accs) > 1 else 0.0)
-    with Image.open(out / "ablation.png") as png:
-        assert png.format == "PNG" and png.size[0] > 100
+        same = [r for r in rows if (r["model"], r["train_scenes"]) == (s["model"], s["train_scenes"])]
+        assert s["seeds"] == len(same) == (1 if s["model"] in (ablation.PRIOR, ablation.CHANCE) else 2)
+        for key, (mean, std) in [("accuracy", (s["mean"], s["std"]))] + [
+            (f"accuracy {k}", v) for k, v in s["per_type"].items()
+        ]:
+            accs = [r[key] for r in same]
+            assert mean == pytest.approx(statistics.fmean(accs))
+            assert std == pytest.approx(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        assert sorted(s["per_type"]) == kinds
+    for plot in ("ablation.png", "ablation_per_type.png"):
+        with Image.open(out / plot) as png:
+            assert png.format == "PNG" and png.size[0] > 100

@@ -38,13 +38,25 @@ def question_prior(train: list[dict], test: list[dict]) -> dict:
     return {e["question_id"]: prior.get(e["question"], overall) for e in test}
 
 
+def answers_a_question_can_have(question: str) -> int:
+    """For the quickstart world: 6 colours, 4 shapes, 1-4 objects, 8 sign words."""
+    if question == "how many objects are there?":
+        return 4
+    if question.startswith("how many"):
+        return 5  # 0-4 of a shape
+    starts = {"what colour": 6, "what shape": 4, "is there": 2, "which is closer": 2, "what does the sign": 8}
+    return next(n for start, n in starts.items() if question.startswith(start))
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """(table rows, the world's data folder, the output folder, what was printed)."""
     tmp = tmp_path_factory.mktemp("quickstart")
     root, out = tmp / "world", tmp / "out"
     argv = ["--root", str(root), "--output_dir", str(out), "--train_scenes", "16", "--test_scenes", "4"]
-    argv += ["--set", "max_epoch=1", "--set", "num_workers=0"]
+    # Two epochs: after one, the demo test's caption model was so near random that one
+    # test image's beams tied closely enough to decode differently in the demo.
+    argv += ["--set", "max_epoch=2", "--set", "num_workers=0"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rows = quickstart.main(argv)
@@ -55,20 +67,31 @@ def test_the_table_is_the_model_beside_its_baselines(job):
     rows, data, _, printed = job
     caption = Counter(e["caption"] for e in read(data / "coco_karpathy_train.json")).most_common(1)[0][0]
     answer = Counter(e["answer"][0] for e in read(data / "vqav2_train_val.json")).most_common(1)[0][0]
+    best = quickstart.best_constant_caption(data, {s["image"]: s for s in read(data.parent / "scenes.json")})
     expected = [
         ("caption", model, metric)
         for metric in METRICS
         for model in ("Prismer, all experts", f"most frequent caption ({caption!r})")
     ]
+    constants = (f"most frequent caption ({caption!r})", f"best constant caption ({best!r})")
+    expected += [
+        ("caption", model, metric)
+        for model in ("Prismer, all experts", *constants)
+        for metric in ("distinct", "objects named", "named exist")
+    ]
     expected += [
         ("vqa", "Prismer, all experts", "accuracy"),
         ("vqa", f"most frequent answer ({answer!r})", "accuracy"),
-        ("vqa", "most frequent answer to the same question", "accuracy"),
+        ("vqa", quickstart.PRIOR, "accuracy"),
+        ("vqa", quickstart.CHANCE, "accuracy"),
     ]
+    kinds = sorted({e["question_type"] for e in read(data / "vqav2_test.json")})
+    models = ("Prismer, all experts", quickstart.PRIOR, quickstart.CHANCE)
+    expected += [("vqa", model, kind) for kind in kinds for model in models]
     assert [r[:3] for r in rows] == expected
     assert "Results on the synthetic world's test split" in printed
     for task, model, metric, value in rows:
-        assert re.search(rf"{task} +{re.escape(model)} +{metric} +{value:.1f}\n", printed), (model, metric)
+        assert re.search(rf"{task} +{re.escape(model)} +{re.escape(metric)} +{value:.1f}\n", printed), (model, metric)
 
 
 def test_the_model_rows_are_what_its_written_results_score(job):
@@ -86,6 +109,11 @@ def test_the_model_rows_are_what_its_written_results_score(job):
     assert submission.keys() == {e["question_id"] for e in test}
     assert set(submission.values()) <= set(read(data / "answer_list.json"))
     assert score["vqa", "Prismer, all experts", "accuracy"] == pytest.approx(exact_accuracy(submission, test))
+    for kind in {e["question_type"] for e in test}:  # per type: the same, on that type's questions
+        of_kind = [e for e in test if e["question_type"] == kind]
+        assert score["vqa", "Prismer, all experts", kind] == pytest.approx(exact_accuracy(submission, of_kind))
+    written = {r["caption"] for r in results}
+    assert score["caption", "Prismer, all experts", "distinct"] == len(written)
 
 
 def test_the_baselines_are_what_their_definitions_give(job):
@@ -98,8 +126,18 @@ def test_the_baselines_are_what_their_definitions_give(job):
     expected = exact_accuracy({e["question_id"]: overall for e in test}, test)
     assert score["vqa", "most frequent answer", "accuracy"] == pytest.approx(expected)
 
-    expected = exact_accuracy(question_prior(train, test), test)
+    prior = question_prior(train, test)
+    expected = exact_accuracy(prior, test)
     assert score["vqa", "most frequent answer to the same question", "accuracy"] == pytest.approx(expected)
+    # Per type, the prior's accuracy on that type's questions, and chance: the mean over the
+    # type's questions of 1 / the answers its text can have (worked out by hand for the world).
+    for kind in {e["question_type"] for e in test}:
+        of_kind = [e for e in test if e["question_type"] == kind]
+        assert score["vqa", "most frequent answer to the same question", kind] == pytest.approx(
+            exact_accuracy(prior, of_kind)
+        )
+        guess = [100 / answers_a_question_can_have(e["question"]) for e in of_kind]
+        assert score["vqa", "chance", kind] == pytest.approx(sum(guess) / len(guess))
 
     # The most frequent training caption given to every test image, scored by the COCO toolkit.
     caption = Counter(e["caption"] for e in read(data / "coco_karpathy_train.json")).most_common(1)[0][0]
@@ -157,3 +195,23 @@ def test_the_demo_captions_world_scenes_with_the_quickstart_model(job, tmp_path)
         assert by_id[r["image_id"]] == r["caption"]
     assert all(r["caption"] for r in done["results"])
     assert {p: p.stat().st_mtime_ns for p in labels.rglob("*.png")} == before
+
+
+def test_grounded_scores_count_correctly_named_objects_and_named_pairs_that_exist():
+    scenes = {
+        1: {"objects": [{"colour": "red", "shape": "cube"}, {"colour": "blue", "shape": "sphere"}]},
+        2: {"objects": [{"colour": "red", "shape": "cube"}, {"colour": "red", "shape": "cube"}]},
+        3: {"objects": [{"colour": "green", "shape": "cone"}]},
+    }
+    captions = {
+        1: "A small red cube in front of a green sphere.",  # names red cube (there), green sphere (not there)
+        2: "Two red cubes on a wooden floor.",  # plural: names red cube, both objects
+        3: "One object in a room with a grey wall.",  # names no pair
+    }
+    assert quickstart.named_pairs(captions[1]) == {("red", "cube"), ("green", "sphere")}
+    assert quickstart.named_pairs(captions[2]) == {("red", "cube")}
+    scores = quickstart.grounded_scores(captions, scenes)
+    # Objects named: scene 1 one of two, scene 2 both, scene 3 none -> (1/2 + 1 + 0) / 3.
+    assert scores["objects named"] == pytest.approx(100 * 1.5 / 3)
+    # Named pairs that exist: red cube, green sphere (no), red cube -> 2 of 3.
+    assert scores["named exist"] == pytest.approx(100 * 2 / 3)

@@ -3,6 +3,7 @@ files read back through the real loaders, and QA/captions true of each scene."""
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from sandbox.world import (
     make_scene,
     name_feature,
 )
+from tests.test_quickstart import exact_accuracy, question_prior
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["depth", "normal", "edge", "seg_coco", "seg_ade", "obj_detection", "ocr_detection"]
@@ -219,3 +221,68 @@ def test_short_caption_run_through_the_engine_lowers_the_loss(world, tmp_path):
     trained = run(CAPTION, world_config("caption", world, values | {"max_epoch": 3}), RunOptions("trained"))
     assert trained["train/loss_epoch"] < 0.8 * first["train/loss_epoch"]
     assert (tmp_path / "caption_trained" / "caption_results_coco.json").exists()
+
+
+def test_the_original_generator_is_unchanged(tmp_path):
+    """balance=False (the default) writes the worlds it wrote before balancing
+    existed: the sha256 of every JSON file (scene facts, data lists, configs; the
+    tokenizer excluded), taken with the code before the change."""
+    cfg = WorldConfig(train_scenes=6, test_scenes=3, resolution=32, sign_fraction=0.5)
+    root = generate(cfg, tmp_path / "w", workers=1, progress=False)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.json")):
+        if "tokenizer" not in p.parts:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    assert h.hexdigest() == "dc6091c2787bc05a03e8fa5f87954afb6074bb4dfac92f9563903dc1aad27e24"
+    assert "balance" not in json.loads((root / "world.json").read_text())["config"]
+
+
+# A uniform guess's accuracy per question text, worked out by hand for the default world.
+CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "yes/no": 1 / 2, "closer": 1 / 2, "sign": 1 / 8}
+
+
+def chance(q: dict) -> float:
+    if q["type"] == "count":
+        return 1 / 4 if q["question"] == "how many objects are there?" else 1 / 5  # 1-4 objects; 0-4 of a shape
+    return CHANCE[q["type"]]
+
+
+def test_balanced_world_answers_are_near_uniform_per_question_text():
+    """Over the images that receive a question text, its answers are close to
+    uniform (entropy >= 0.9 of log(answers it can have)), so the image-blind
+    prior scores about chance; and every answer is still true of its scene."""
+    cfg = WorldConfig(train_scenes=2400, test_scenes=1, resolution=32, balance=True)
+    scenes = [make_scene(cfg, i)[0] for i in range(cfg.train_scenes)]
+    by_text, question, first_named, kinds = {}, {}, Counter(), Counter()
+    for scene in scenes:
+        for q in scene["questions"]:
+            assert q["answer"] == true_answer(scene, q["question"]), q
+            by_text.setdefault(q["question"], Counter())[q["answer"]] += 1
+            question[q["question"]] = q
+            kinds[q["type"]] += 1
+            if q["type"] == "closer":
+                first_named[q["question"].split("the ")[1].startswith(q["answer"])] += 1
+    assert set(kinds) == {"colour", "shape", "count", "yes/no", "closer", "sign"}
+    checked = 0
+    for text, answers in by_text.items():
+        n = sum(answers.values())
+        if n >= 50:
+            possible = round(1 / chance(question[text]))
+            entropy = -sum(k / n * math.log(k / n) for k in answers.values())
+            assert entropy >= 0.9 * math.log(possible), (text, answers)
+            checked += 1
+    assert checked >= 30  # the colour, shape, count, sign and most yes/no texts
+    # Closer questions name two objects in random order: the first is the answer about half the time.
+    assert 0.45 < first_named[True] / first_named.total() < 0.55
+
+    # The image-blind prior (the most frequent training answer per text) scores about chance.
+    entries = [
+        q | {"question_id": 100 * i + j, "image": i, "answer": [q["answer"]] * 10}
+        for i, s in enumerate(scenes)
+        for j, q in enumerate(s["questions"])
+    ]
+    train, test = [e for e in entries if e["image"] < 2000], [e for e in entries if e["image"] >= 2000]
+    prior = exact_accuracy(question_prior(train, test), test)
+    expected = 100 * sum(chance(e) for e in test) / len(test)
+    assert abs(prior - expected) < 5, (prior, expected)
