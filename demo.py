@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if experts:  # every expert's label beside the photo
                     sheet = Path("sheets") / (r["image"] + ".png")
                     (tmp / sheet).parent.mkdir(parents=True, exist_ok=True)
-                    save_label_sheet(photo, {e: f if f.is_file() else None for e, f in found.items()}, tmp / sheet)
+                    labels_found = {e: f if f.is_file() else None for e, f in found.items()}
+                    save_label_sheet(photo, labels_found, tmp / sheet, names=describer.class_names)
                     r["label_sheet"] = sheet.as_posix()
             results += batch
         (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")

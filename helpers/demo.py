@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common.labels import label_file
-from helpers.label_sheets import label_sheet
+from helpers.label_sheets import class_names, label_sheet
 from helpers.labelling import LabelOptions, in_dependency_order, make_labels
 from helpers.processor import PrismerProcessor
 from model import PrismerCaption, PrismerVQA
@@ -68,6 +68,8 @@ class Describer:
         if answerer is not None:
             self.processors[answerer] = PrismerProcessor.for_model(answerer, **_labels(run_settings(vqa_source)))
         self.experts = sorted(set(captioner.config.experts) | set(answerer.config.experts if answerer else []))
+        # Label sheets name classes in the caption model's label spaces (the world's, for a world model).
+        self.class_names = class_names(settings["label_space_path"])
 
     def _inputs(self, model, photos: Sequence[Image.Image], files: Sequence[dict[str, Path]]) -> dict:
         return self.processors[model](photos, [{e: f[e] for e in model.config.experts} for f in files])
@@ -108,5 +110,6 @@ def describe_photo(
         if question:
             result["answer"] = describer.answer([photo], [files], question)[0]
         if experts:
-            result["sheet"] = label_sheet(photo, {e: f if f.is_file() else None for e, f in files.items()})
+            found = {e: f if f.is_file() else None for e, f in files.items()}
+            result["sheet"] = label_sheet(photo, found, names=describer.class_names)
     return result

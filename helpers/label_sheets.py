@@ -63,9 +63,10 @@ def font() -> ImageFont.ImageFont:
 
 
 @functools.cache
-def class_names() -> dict[str, list[str]]:
-    """The shipped label spaces' class names, {space: [name per class id]}."""
-    return json.loads((DEFAULT_PATH / "label_names.json").read_text(encoding="utf-8"))
+def class_names(folder: str | None = None) -> dict[str, list[str]]:
+    """Class names of the label spaces in `folder` (a model's `label_space_path`;
+    default: the shipped official ones), {space: [name per class id]}."""
+    return json.loads((Path(folder or DEFAULT_PATH) / "label_names.json").read_text(encoding="utf-8"))
 
 
 def palette_colour(i: int) -> tuple[int, int, int]:
@@ -233,7 +234,7 @@ def label_sheet(
     """The photo and each expert's label (`labels`: expert name -> label PNG in the
     official layout, sidecars beside it, or None for none) on one RGB sheet, `columns` panels a row,
     each `height` px high with its title above and its legend below. `names`: class
-    names per label space (default: the shipped `label_names.json`).
+    names per label space (default: the shipped official ones; see `class_names`).
 
     `sheet.info["panels"]` holds each panel's picture box (left, top, right, bottom)
     and `sheet.info["legends"]` the box below it where its legend is, by title."""

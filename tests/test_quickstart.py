@@ -11,7 +11,9 @@ from collections import Counter
 
 import pytest
 
+from helpers.demo import Describer
 from helpers.metrics import coco_caption_scores, format_caption
+from model import PrismerCaption
 from sandbox import quickstart
 
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
@@ -195,6 +197,10 @@ def test_the_demo_captions_world_scenes_with_the_quickstart_model(job, tmp_path)
         assert by_id[r["image_id"]] == r["caption"]
     assert all(r["caption"] for r in done["results"])
     assert {p: p.stat().st_mtime_ns for p in labels.rglob("*.png")} == before
+    # Its label sheets name the world's classes, not the official label spaces' ("person", ...).
+    describer = Describer(PrismerCaption.from_pretrained(final), str(final))
+    assert describer.class_names == read(data.parent / "label_spaces" / "label_names.json")
+    assert describer.class_names["coco"][3:] == ["cube", "sphere", "cone", "cylinder"]
 
 
 def test_grounded_scores_count_correctly_named_objects_and_named_pairs_that_exist():
