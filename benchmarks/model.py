@@ -40,11 +40,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.modalities import EXPERTS, PRISMER_EXPERTS  # noqa: E402
+from benchmarks.experts import peak_mib  # noqa: E402
+from common.modalities import PRISMER_EXPERTS  # noqa: E402
 from helpers.distributed import hardware, matmul_gflops  # noqa: E402
 from model import PrismerCaption, PrismerVQA  # noqa: E402
 from model.generation import question_answer_tokens  # noqa: E402
 from model.tokenizer import train_tokenizer  # noqa: E402
+from tests.conftest import random_experts  # noqa: E402
 
 B_TRAIN, B_EVAL, TOKENS, BEAMS, CANDIDATES = 4, 2, 20, 3, 128
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white", "black", "orange")
@@ -54,14 +56,6 @@ ANSWERS = [f"{c} {s}" for c in COLOURS for s in SHAPES] + [str(i) for i in range
 ]  # fmt: skip
 QUESTIONS = ["what colour is the cube?", "how many dogs are sitting on the table?"]
 CAPTIONS = ["a dog sitting on a red table next to a cat", "two people walking down a street in the rain"] * 2
-
-
-def peak_mib() -> float:
-    """VmHWM of /proc/self/status: peak resident memory since the last reset (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def reset_peak() -> None:
@@ -98,19 +92,6 @@ def models(quick: bool) -> dict[str, dict]:
     return {k: v for k, v in all_models.items() if not (quick and k == "PrismerZ-Base")}
 
 
-def inputs(experts: list[str], batch: int, resolution: int, label_resolution: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    out = {"rgb": torch.randn(batch, 3, resolution, resolution, generator=g)}
-    for name in experts:
-        e = EXPERTS[name]
-        x = torch.randn(batch, e.channels, label_resolution, label_resolution, generator=g)
-        if e.kind.instances:
-            inst = torch.randint(0, 4, (batch, 1, label_resolution, label_resolution), generator=g)
-            x = {"label": x, "instance": inst.masked_fill(inst == 3, 255)}
-        out[name] = x
-    return out
-
-
 def naive_rank(model, experts, questions, answers) -> torch.Tensor:
     """Every candidate scored from scratch: encode the image, run question + answer."""
     scores = []
@@ -132,7 +113,7 @@ def measure(name: str, spec: dict, tokenizer, quick: bool, bf16: bool) -> dict:
     model = PrismerCaption(cfg, tokenizer=tokenizer).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
-    x = inputs(model.config.experts, B_TRAIN, res, label_res)
+    x = random_experts(model.config.experts, B_TRAIN, res, label_res)
 
     def step(bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
@@ -161,7 +142,7 @@ def measure(name: str, spec: dict, tokenizer, quick: bool, bf16: bool) -> dict:
     row["trainable_M"] = sum(p.numel() for p in params) / 1e6
 
     model.eval()
-    x = inputs(model.config.experts, B_EVAL, res, label_res)
+    x = random_experts(model.config.experts, B_EVAL, res, label_res)
     kw = dict(num_beams=BEAMS, max_length=TOKENS + 1, min_length=TOKENS + 1)  # <s> + 20 new tokens
     with torch.no_grad():
         row["generate_cached_s"] = timed(lambda: model.generate(x, use_cache=True, **kw), repeats)
@@ -186,7 +167,7 @@ def caption_one_photo(size: str, resolution: int, tokenizer) -> dict:
         {"prismer_model": size, "experts": list(PRISMER_EXPERTS), "image_resolution": resolution, "pretrained": False},
         tokenizer=tokenizer,
     ).eval()
-    x = inputs(model.config.experts, 1, resolution, resolution)
+    x = random_experts(model.config.experts, 1, resolution, resolution)
     kw = dict(num_beams=BEAMS, max_length=TOKENS + 1, min_length=TOKENS + 1)
     with torch.no_grad():
         seconds = timed(lambda: model.generate(x, **kw), 2)
