@@ -29,6 +29,9 @@ class DataConfig:
     label_path: str | None = "data/experts"  # null: no labels on disk (PrismerZ)
     label_space_path: str | None = None  # None: the official label spaces shipped in common/label_spaces
     label_resolution: int = 224  # official; smaller only for small-scale research
+    # Official training augmentation: random crop (area 0.5-1), flip, RandAugment. Off for a
+    # world whose answers a crop can change (a count, an object cropped out).
+    augment: bool = True
     prefix: str = ""  # caption fine-tuning: "A picture of"
     max_bad_fraction: float = 0.5  # of a batch's samples unreadable before the loader stops
     seed: int = 42  # augmentation draws depend on (seed, epoch, sample) only

@@ -69,7 +69,9 @@ def make_reader(config: DataConfig | Mapping[str, Any], train: bool, scale=(0.5,
         )
     painted = any(EXPERTS[e].kind.painted for e in experts)
     spaces = load_label_spaces(config.label_space_path) if painted else None
-    transform = Transform(config.image_resolution, train=train, scale=scale, label_resolution=config.label_resolution)
+    transform = Transform(
+        config.image_resolution, train=train and config.augment, scale=scale, label_resolution=config.label_resolution
+    )
     return ExpertReader(config.data_path, config.label_path, experts, spaces, transform)
 
 

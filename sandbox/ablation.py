@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.modalities import EXPERTS
+from common.modalities import EXPERTS, PRISMER_EXPERTS
 from helpers import checkpoint
 from helpers.config import load_config
 from helpers.engine import RunOptions, run
@@ -55,7 +55,7 @@ from sandbox.world import WorldConfig, generate, image_name
 
 log = logging.getLogger("ablation")
 
-ALL_EXPERTS = ["depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection"]
+ALL_EXPERTS = list(PRISMER_EXPERTS)
 MODELS = {
     "PrismerZ": ["none"],
     "Prismer": ALL_EXPERTS,

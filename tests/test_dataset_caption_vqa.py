@@ -96,6 +96,18 @@ def test_test_transform_is_a_plain_resize(world):
     assert (rgb.permute(1, 2, 0).numpy() - expected).__abs__().mean() < 0.03  # JPEG noise only
 
 
+def test_augment_false_trains_on_the_plain_resize_labels_included(world):
+    """A world whose answers a crop could change (counts) trains on whole images."""
+    train, test = create_dataset("caption", {**world, "augment": False})
+    first = train[1][0]
+    train.set_epoch(1)
+    again = train[1][0]
+    plain = test[[e["image"] for e in test.data_list].index(train.data_list[1]["image"])][0]
+    for name in plain:
+        torch.testing.assert_close(first[name], plain[name], msg=name)
+        torch.testing.assert_close(again[name], plain[name], msg=name)
+
+
 def test_prismerz_config_gives_rgb_only(world):
     train, _ = create_dataset("caption", {**world, "experts": ["none"]})
     experts, _ = _batch(train)

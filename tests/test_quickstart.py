@@ -73,22 +73,22 @@ def test_the_table_is_the_model_beside_its_baselines(job):
     expected = [
         ("caption", model, metric)
         for metric in METRICS
-        for model in ("Prismer, all experts", f"most frequent caption ({caption!r})")
+        for model in ("PrismerZ (RGB only)", f"most frequent caption ({caption!r})")
     ]
     constants = (f"most frequent caption ({caption!r})", f"best constant caption ({best!r})")
     expected += [
         ("caption", model, metric)
-        for model in ("Prismer, all experts", *constants)
+        for model in ("PrismerZ (RGB only)", *constants)
         for metric in ("distinct", "objects named", "named exist")
     ]
     expected += [
-        ("vqa", "Prismer, all experts", "accuracy"),
+        ("vqa", "PrismerZ (RGB only)", "accuracy"),
         ("vqa", f"most frequent answer ({answer!r})", "accuracy"),
         ("vqa", quickstart.PRIOR, "accuracy"),
         ("vqa", quickstart.CHANCE, "accuracy"),
     ]
     kinds = sorted({e["question_type"] for e in read(data / "vqav2_test.json")})
-    models = ("Prismer, all experts", quickstart.PRIOR, quickstart.CHANCE)
+    models = ("PrismerZ (RGB only)", quickstart.PRIOR, quickstart.CHANCE)
     expected += [("vqa", model, kind) for kind in kinds for model in models]
     assert [r[:3] for r in rows] == expected
     assert "Results on the synthetic world's test split" in printed
@@ -104,18 +104,18 @@ def test_the_model_rows_are_what_its_written_results_score(job):
     assert sorted(r["image_id"] for r in results) == sorted(im["id"] for im in gt["images"])  # each image once
     scores = coco_caption_scores(results, data / "coco_karpathy_test_gt.json")
     for metric in METRICS:
-        assert score["caption", "Prismer, all experts", metric] == pytest.approx(100 * scores[metric])
+        assert score["caption", "PrismerZ (RGB only)", metric] == pytest.approx(100 * scores[metric])
 
     test = read(data / "vqav2_test.json")
     submission = {r["question_id"]: r["answer"] for r in read(out / "vqa_world" / "vqa_submission.json")}
     assert submission.keys() == {e["question_id"] for e in test}
     assert set(submission.values()) <= set(read(data / "answer_list.json"))
-    assert score["vqa", "Prismer, all experts", "accuracy"] == pytest.approx(exact_accuracy(submission, test))
+    assert score["vqa", "PrismerZ (RGB only)", "accuracy"] == pytest.approx(exact_accuracy(submission, test))
     for kind in {e["question_type"] for e in test}:  # per type: the same, on that type's questions
         of_kind = [e for e in test if e["question_type"] == kind]
-        assert score["vqa", "Prismer, all experts", kind] == pytest.approx(exact_accuracy(submission, of_kind))
+        assert score["vqa", "PrismerZ (RGB only)", kind] == pytest.approx(exact_accuracy(submission, of_kind))
     written = {r["caption"] for r in results}
-    assert score["caption", "Prismer, all experts", "distinct"] == len(written)
+    assert score["caption", "PrismerZ (RGB only)", "distinct"] == len(written)
 
 
 def test_the_baselines_are_what_their_definitions_give(job):

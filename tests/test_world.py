@@ -20,6 +20,7 @@ from PIL import Image
 from dataset import create_dataset
 from helpers.engine import RunOptions, run
 from helpers.tasks import CAPTION
+from model import PrismerCaption
 from sandbox.quickstart import vqa_baseline, world_config
 from sandbox.world import (
     CHUNK,
@@ -286,3 +287,16 @@ def test_balanced_world_answers_are_near_uniform_per_question_text():
     prior = exact_accuracy(question_prior(train, test), test)
     expected = 100 * sum(chance(e) for e in test) / len(test)
     assert abs(prior - expected) < 5, (prior, expected)
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_world_recipes_start_the_decoder_at_their_own_init_scale(world, task):
+    """The recipes' initializer_range (1/sqrt(width), not RoBERTa's 0.02 sized for
+    width 768) reaches the text decoder's weights, cross-attention included."""
+    cfg = world_config(task, world)
+    model = PrismerCaption(cfg.model_config())
+    scale = cfg.roberta_config["initializer_range"]
+    assert scale == pytest.approx(128**-0.5, rel=0.01)
+    cross = model.text_decoder.roberta.encoder.layer[0][1].self
+    for weight in (cross.query.weight, cross.key.weight, model.text_decoder.roberta.embeddings.word_embeddings.weight):
+        assert weight.std().item() == pytest.approx(scale, rel=0.1)
