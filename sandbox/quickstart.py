@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     data = root / "data"
     values, options = {"output_dir": args.output_dir, "experts": QUICKSTART_EXPERTS}, RunOptions(exp_name="world")
     rows = []
-    model = model_name(world_config("vqa", root, values, args.set).experts)
+    configs = {task: world_config(task, root, values, args.set) for task in RECIPES}
+    model = model_name(configs["vqa"].experts)
     if args.task in ("caption", "both"):
-        metrics = run(CAPTION, world_config("caption", root, values, args.set), options)
+        metrics = run(CAPTION, configs["caption"], options)
         page = write_samples(Path(args.output_dir) / "caption_world", data)
         log.info("sample captions beside their images: %s", page)
         caption, base = caption_baseline(data)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             rows.append(("caption", name, "distinct", len(set(captions.values()))))
             rows += [("caption", name, k, v) for k, v in grounded_scores(captions, by_id).items()]
     if args.task in ("vqa", "both"):
-        metrics = run(VQA, world_config("vqa", root, values, args.set), options)
+        metrics = run(VQA, configs["vqa"], options)
         answers = json.loads((Path(args.output_dir) / "vqa_world" / "vqa_submission.json").read_text())
         scores = vqa_scores(data, {r["question_id"]: r["answer"] for r in answers})
         answer, base = vqa_baseline(data)
