@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,20 +163,37 @@ def grounded_scores(captions: Mapping[Any, str], scenes: Mapping[Any, dict]) -> 
     return {"objects named": 100 * sum(recall) / len(recall), "named exist": 100 * exist / max(named, 1)}
 
 
+def constant_caption_scores(captions: Iterable[str], scenes: Mapping[Any, dict]) -> dict[str, dict[str, float]]:
+    """`grounded_scores` of each caption given to every scene, for many captions at
+    once: a constant caption's scores add up over the pairs it names, so two numbers
+    per pair give them (scoring ~1000 captions on every image one by one took 30 s)."""
+    share, held = Counter(), Counter()  # pair -> its mean share of a scene's objects; of scenes that hold it
+    for scene in scenes.values():
+        present = [(o["colour"], o["shape"]) for o in scene["objects"]]
+        share.update({p: n / len(present) / len(scenes) for p, n in Counter(present).items()})
+        held.update(dict.fromkeys(present, 1 / len(scenes)))
+    scores = {}
+    for caption in captions:
+        pairs = named_pairs(caption)
+        scores[caption] = {
+            "objects named": 100 * sum(share[p] for p in pairs),
+            "named exist": 100 * sum(held[p] for p in pairs) / max(len(pairs), 1),
+        }
+    return scores
+
+
 def best_constant_caption(data_path: Path, scenes: Mapping[Any, dict]) -> str:
     """The training caption that, given to every training image, scores the
     highest grounded F1 (harmonic mean of `grounded_scores`' two numbers)."""
     train = json.loads((data_path / "coco_karpathy_train.json").read_text())
-    images = sorted({e["image"] for e in train})
-    by_pairs = {}
-    for caption in sorted({e["caption"] for e in train}):
-        by_pairs.setdefault(frozenset(named_pairs(caption)), caption)
+    images = {e["image"] for e in train}
+    scores = constant_caption_scores(sorted({e["caption"] for e in train}), {i: scenes[i] for i in images})
 
     def f1(caption):
-        g = grounded_scores(dict.fromkeys(images, caption), scenes)
-        return 2 * g["objects named"] * g["named exist"] / max(g["objects named"] + g["named exist"], 1e-9)
+        recall, precision = scores[caption]["objects named"], scores[caption]["named exist"]
+        return 2 * recall * precision / max(recall + precision, 1e-9)
 
-    return max(by_pairs.values(), key=f1)
+    return max(scores, key=f1)
 
 
 def write_samples(run_dir: Path, data_path: Path, n: int = 24) -> Path:

@@ -15,6 +15,7 @@ from helpers.demo import Describer
 from helpers.metrics import coco_caption_scores, format_caption
 from model import PrismerCaption
 from sandbox import quickstart
+from sandbox.world import WorldConfig, generate
 
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
 
@@ -221,3 +222,17 @@ def test_grounded_scores_count_correctly_named_objects_and_named_pairs_that_exis
     assert scores["objects named"] == pytest.approx(100 * 1.5 / 3)
     # Named pairs that exist: red cube, green sphere (no), red cube -> 2 of 3.
     assert scores["named exist"] == pytest.approx(100 * 2 / 3)
+
+
+def test_constant_caption_scores_are_the_grounded_scores_of_the_caption_on_every_image(tmp_path):
+    """The per-pair sums best_constant_caption ranks with equal scoring each training
+    caption on every training image with grounded_scores."""
+    root = generate(WorldConfig(train_scenes=200, test_scenes=2, balance=True), tmp_path / "world", workers=1)
+    train = read(root / "data" / "coco_karpathy_train.json")
+    scenes = {s["image"]: s for s in read(root / "scenes.json") if s["image"] in {e["image"] for e in train}}
+    captions = sorted({e["caption"] for e in train})
+    fast = quickstart.constant_caption_scores(captions, scenes)
+    for caption in captions:
+        assert fast[caption] == pytest.approx(quickstart.grounded_scores(dict.fromkeys(scenes, caption), scenes))
+    best = quickstart.best_constant_caption(root / "data", scenes)
+    assert fast[best]["objects named"] > 0 and fast[best]["named exist"] > 0
