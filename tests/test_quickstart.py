@@ -13,7 +13,7 @@ import pytest
 
 from helpers.demo import Describer
 from helpers.metrics import coco_caption_scores, format_caption
-from model import PrismerCaption
+from model import PrismerCaption, PrismerVQA
 from sandbox import quickstart
 from sandbox.world import WorldConfig, generate
 
@@ -60,6 +60,7 @@ def job(tmp_path_factory):
     # Two epochs: after one, the demo test's caption model was so near random that one
     # test image's beams tied closely enough to decode differently in the demo.
     argv += ["--set", "max_epoch=2", "--set", "num_workers=0"]
+    argv += ["--parallel"]  # as on a user's 2+ cores: VQA in a second process beside captioning
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rows = quickstart.main(argv)
@@ -117,6 +118,17 @@ def test_the_model_rows_are_what_its_written_results_score(job):
         assert score["vqa", "PrismerZ (RGB only)", kind] == pytest.approx(exact_accuracy(submission, of_kind))
     written = {r["caption"] for r in results}
     assert score["caption", "PrismerZ (RGB only)", "distinct"] == len(written)
+
+
+def test_vqa_trained_beside_captioning_logs_to_its_own_file_and_loads_back(job):
+    """The parallel path: the VQA process's progress and summary went to its log, not
+    into the caption's terminal output, and its model is saved like any other run's."""
+    _, _, out, printed = job
+    beside = (out / "vqa_world.log").read_text()
+    assert "vqa summary" in beside and "vqa summary" not in printed
+    assert "caption summary" not in beside
+    model = PrismerVQA.from_pretrained(out / "vqa_world" / "final")
+    assert model.config.experts == []  # PrismerZ: RGB only
 
 
 def test_the_baselines_are_what_their_definitions_give(job):
