@@ -1,10 +1,20 @@
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# pytest-xdist runs the files in parallel workers (pyproject addopts): the cores are
+# shared out among them, in this process and the processes a test launches, since
+# more compute threads than cores make every worker many times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -105,3 +115,46 @@ def random_experts(experts, batch: int, image_resolution: int, label_resolution:
             x = {"label": x, "instance": inst.masked_fill(inst == 3, 255)}
         out[name] = x
     return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tokenizer, tmp_path_factory):
+    """The test tokenizer saved where a launched process can load it."""
+    path = tmp_path_factory.mktemp("tok")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dist_recipe(tmp_path_factory, tokenizer, tok_dir):
+    """(recipe file, output folder) of a tiny Prismer on 16 images without dropout, so
+    that one process and two see exactly the same function of the same global batch."""
+    from tests.dataset_builders import coco_world
+    from tests.launch import EXPERTS, GLOBAL_BATCH
+    from tests.test_train import write_caption_gt
+
+    root = tmp_path_factory.mktemp("dist")
+    cfg = coco_world(root / "world", n=16, experts=EXPERTS)
+    size = tiny_size(len(tokenizer))
+    size["roberta"] |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    cfg |= {
+        "prismer_model": size,
+        "tokenizer": str(tok_dir),
+        "pretrained": False,
+        "freeze": "freeze_vision",
+        "batch_size_train": GLOBAL_BATCH,
+        "batch_size_test": 2,
+        "num_workers": 0,
+        "max_epoch": 3,
+        "output_dir": str(root / "out"),
+        "tracker": "tensorboard",
+        "log_every_steps": 1,
+        "eval_every_epochs": 0,  # only after the last epoch, which writes `best/`
+        "init_lr": 1e-3,
+        "max_length": 8,
+        "min_length": 2,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    write_caption_gt((path, root / "out"))  # scored evaluation: `best/` is written
+    return path, root / "out"

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (gloo on CPU): one mode per check."""
+"""Run by tests/test_distributed*.py under torchrun (gloo on CPU): one mode per check."""
 
 import json
 import sys

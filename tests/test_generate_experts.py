@@ -134,7 +134,8 @@ def test_two_processes_share_the_images(folder, tmp_path):
     root, weights = folder
     save = tmp_path / "labels"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "generate_experts.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    cmd += [str(ROOT / "generate_experts.py")]
     cmd += ["--expert", "edge", "--data_path", str(root), "--save_path", str(save), "--weights", str(weights)]
 
     def launch() -> list[list[str]]:
