@@ -1,8 +1,9 @@
 """Expert label networks: images/s and peak memory per expert at the official
-input size, in float32 (and bf16 autocast with `--precisions no,bf16`, worth it
-only on a CPU with AMX or AVX-512-BF16), on this machine's CPU.
+input size, in float32, and how far bf16 / fp16 autocast labels move from the
+float32 ones (`--precisions no,bf16,fp16`; timing them is worth it only on a CPU
+with AMX or AVX-512-BF16, `--images 0` measures the drift alone), on this machine's CPU.
 
-    python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16]
+    python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16,fp16]
 
 Weights are synthesised from the official layouts (tests/fixtures/experts) and
 written in the official formats, then loaded the way generate_experts.py loads
@@ -11,7 +12,7 @@ expert runs in its own process, so its peak resident memory (VmHWM, reset at
 its start) is its own: the loaded network plus one image's forward pass and
 label. Timing covers
 preprocess, predict and to_label of `--images` images one at a time after one
-warm-up image. `vs float32`: how far a bf16 label moves from the float32 one
+warm-up image. `vs float32`: how far a bf16 / fp16 label moves from the float32 one
 (mean absolute grey levels for dense maps, share of changed pixels for id
 maps) — with synthetic weights, so only a rough guide to real labels.
 """
@@ -68,23 +69,24 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
         inputs[needed] = weights.parent / f"{needed}.png"
         Image.fromarray((yy * 255 // 480).astype(np.uint8)).save(inputs[needed])
 
-    def one(bf16: bool):
+    def one(precision: str):
         x = network.preprocess(image)[None]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             (raw,) = network.predict(model, x)
         return network.to_label(raw, image.size, **inputs)
 
-    label = one(precision == "bf16")  # also the warm-up
+    label = one(precision)  # also the warm-up
     start = time.perf_counter()
     for _ in range(images):
-        one(precision == "bf16")
+        one(precision)
     seconds = time.perf_counter() - start
     peak = peak_mib()
     # How far the label moves from the float32 one: grey levels for dense maps, pixels for id maps.
     change = ""
     if precision != "no":
         a = np.asarray(label.ids if hasattr(label, "ids") else label, dtype=np.float32)
-        b = one(False)
+        b = one("no")
         b = np.asarray(b.ids if hasattr(b, "ids") else b, dtype=np.float32)
         painted = network.expert.kind.painted
         change = f"{(a != b).mean():.2%} px" if painted else f"{np.abs(a - b).mean():.2f} levels"
@@ -93,7 +95,7 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
         "expert": expert,
         "precision": precision,
         "input": f"{shape[1]}x{shape[0]}",
-        "images/s": images / seconds,
+        "images/s": images / seconds if images else float("nan"),  # --images 0: the drift alone
         "peak MiB": peak,
         "vs float32": change,
     }
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", default=",".join(label_networks()))
-    # bf16 only where the CPU computes it fast (AMX / AVX-512-BF16); on AVX2 it is many times slower.
-    p.add_argument("--precisions", default="no")
+    # bf16 / fp16 run fast only where the CPU computes them (AMX / AVX-512-BF16); on AVX2 many times slower.
+    p.add_argument("--precisions", default="no", help="comma-separated: no (float32), bf16, fp16")
     p.add_argument("--images", type=int, default=3)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
