@@ -39,7 +39,7 @@ from helpers.tasks import CAPTION, VQA
 from sandbox.world import COLOURS, SHAPES, WorldConfig, answer_choices, generate
 
 log = logging.getLogger("quickstart")
-# Sized so both tasks train and evaluate in about ten minutes on 2 CPU cores.
+# Sized so both tasks train and evaluate in about six minutes on 2 CPU cores (side by side, one thread each).
 WORLD = WorldConfig(train_scenes=2000, test_scenes=100, balance=True)
 # RGB only: with all six experts a step costs ~3x (their 64 resampler latents double the
 # encoder's tokens), and in the quickstart's minutes such a model stays at the question prior
