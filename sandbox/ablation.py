@@ -26,7 +26,8 @@ copied) and is evaluated on the same test scenes as every other run. Every run
 trains for about the same number of optimizer steps (smaller sets for more
 epochs, one cosine schedule over the run, evaluated once at the end), so a
 size axis measures data, not compute. Corrupted experts are real label trees
-(same PNG formats) that `label_path` points at.
+(same PNG formats) that `label_path` points at. Runs go side by side, one
+thread each (`--workers`, default one per thread; `sandbox.side_by_side`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ import shutil
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import as_completed
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,6 +56,7 @@ from helpers.config import load_config
 from helpers.engine import RunOptions, run
 from helpers.tasks import VQA
 from sandbox.quickstart import RECIPES, question_prior_answers, vqa_chance, vqa_scores, world_config
+from sandbox.side_by_side import SideBySide
 from sandbox.world import WorldConfig, generate, image_name
 
 log = logging.getLogger("ablation")
@@ -165,10 +171,25 @@ def corrupt_labels(labels: Path, expert: str, mode: str, out: Path, seed: int = 
     return out
 
 
-def train_eval(world: Path, values: dict, overrides: list[str]) -> dict:
+class Run(NamedTuple):
+    """One training run of the ablation: what its row reports, where it writes, its recipe values."""
+
+    experiment: str  # data | robust
+    model: str
+    experts: list[str]
+    train_scenes: int
+    seed: int
+    epochs: int
+    folder: Path
+    values: dict
+
+
+def train_eval(world: Path, values: dict, overrides: list[str]) -> float:
     """One real VQA run of the engine: the world recipe with `values` set, then
-    the command line's `--set` overrides; returns its metrics dict."""
-    return run(VQA, world_config("vqa", world, values, overrides), RunOptions(exp_name="run"))
+    the command line's `--set` overrides; returns the seconds it took."""
+    start = time.perf_counter()
+    run(VQA, world_config("vqa", world, values, overrides), RunOptions(exp_name="run"))
+    return time.perf_counter() - start
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -336,8 +357,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=True,
         help="an answer-balanced world (--no-balance: the original generator, for the older numbers)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="runs side by side, one thread each (default: one per thread torch has; 1: one after the other)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
+    args.workers = args.workers or torch.get_num_threads()
     for key, value in DEFAULTS[args.fast].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -382,7 +409,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ):
             row = {"experiment": "data", "model": model, "experts": "", "train_scenes": n, "seed": 0}
             rows.append(row | {"epochs": 0, "steps": 0} | scored(scores) | {"seconds": 0.0})
-    for experiment, model, experts, corruption, n in tqdm(jobs, desc="ablation", unit="point"):
+    runs = []
+    for experiment, model, experts, corruption, n in jobs:
         data, questions = subsets[n]
         epochs = epochs_for(args.steps, questions, batch)
         labels = world / "labels"
@@ -391,25 +419,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
         point = {"experts": experts, "data_path": str(data), "label_path": str(labels)}
         point |= {"max_epoch": epochs, "schedule": "cosine_step", "eval_every_epochs": 0}
         for seed in range(args.seeds):
-            t = time.perf_counter()
-            run_dir = out / "runs" / f"{experiment}_{model}_{n}_{seed}".replace(", ", "_").replace(" ", "_")
-            train_eval(world, point | {"seed": seed, "output_dir": str(run_dir)}, args.set)
-            answers = json.loads((run_dir / "vqa_run" / "vqa_submission.json").read_text())
-            scores = vqa_scores(data, {r["question_id"]: r["answer"] for r in answers})
-            rows.append(
-                {
-                    "experiment": experiment,
-                    "model": model,
-                    "experts": " ".join(experts),
-                    "train_scenes": n,
-                    "seed": seed,
-                    "epochs": epochs,
-                    "steps": json.loads((last_checkpoint(run_dir) / "progress.json").read_text())["step"],
-                }
-                | scored(scores)
-                | {"seconds": round(time.perf_counter() - t, 1)}
-            )
-            log.info("%s, %d scenes, seed %d: accuracy %.1f", model, n, seed, rows[-1]["accuracy"])
+            folder = out / "runs" / f"{experiment}_{model}_{n}_{seed}".replace(", ", "_").replace(" ", "_")
+            values = point | {"seed": seed, "output_dir": str(folder)}
+            runs.append(Run(experiment, model, experts, n, seed, epochs, folder, values))
+
+    def row(r: Run, seconds: float) -> dict:
+        answers = json.loads((r.folder / "vqa_run" / "vqa_submission.json").read_text())
+        scores = vqa_scores(subsets[r.train_scenes][0], {a["question_id"]: a["answer"] for a in answers})
+        log.info("%s, %d scenes, seed %d: accuracy %.1f", r.model, r.train_scenes, r.seed, scores["overall"])
+        steps = json.loads((last_checkpoint(r.folder) / "progress.json").read_text())["step"]
+        return (
+            {"experiment": r.experiment, "model": r.model, "experts": " ".join(r.experts)}
+            | {"train_scenes": r.train_scenes, "seed": r.seed, "epochs": r.epochs, "steps": steps}
+            | scored(scores)
+            | {"seconds": round(seconds, 1)}
+        )
+
+    progress = tqdm(total=len(runs), desc="ablation", unit="run")
+    if args.workers > 1:
+        log.info(
+            "%d runs, %d side by side (one thread each); a run's output: its folder's train.log",
+            len(runs),
+            args.workers,
+        )
+        with SideBySide(args.workers, threads=1) as pool:
+            futures = {
+                pool.submit(partial(train_eval, world, r.values, args.set), r.folder / "train.log"): r for r in runs
+            }
+            seconds = {}
+            for future in as_completed(futures):
+                seconds[futures[future].folder] = future.result()
+                progress.update()
+        rows += [row(r, seconds[r.folder]) for r in runs]
+    else:
+        for r in runs:
+            rows.append(row(r, train_eval(world, r.values, args.set)))
+            progress.update()
+    progress.close()
     summary = summarise(rows)
     write_results(rows, summary, out)
     png = plot(summary, out / "ablation.png")

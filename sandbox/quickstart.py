@@ -20,13 +20,11 @@ import dataclasses
 import html
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from helpers.config import RunConfig, load_config
 from helpers.engine import RunOptions, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
 from helpers.tasks import CAPTION, VQA
+from sandbox.side_by_side import SideBySide
 from sandbox.world import COLOURS, SHAPES, WorldConfig, answer_choices, generate
 
 log = logging.getLogger("quickstart")
@@ -275,18 +274,6 @@ def vqa_rows(
     return rows
 
 
-def _beside(log_file: Path, threads: int) -> None:
-    """A task process started beside the main one: its own share of the cores, its output to a file."""
-    import torch
-
-    torch.set_num_threads(threads)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> list[tuple]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/world", help="where the world is (generated if missing)")
@@ -329,16 +316,11 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     if args.task == "both" and parallel:
         beside, share = out / "vqa_world.log", max(1, threads // 2)
         log.info("VQA trains in a second process beside captioning, on %d of %d threads: %s", share, threads, beside)
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(1, mp_context=spawn, initializer=_beside, initargs=(beside, share)) as pool:
-            vqa_done = pool.submit(vqa)
+        with SideBySide(workers=1, threads=share) as pool:
+            vqa_done = pool.submit(vqa, beside)
             torch.set_num_threads(max(1, threads - share))
             try:
                 rows = caption()
-            except BaseException:  # not minutes of waiting for VQA before the error shows
-                for child in multiprocessing.active_children():
-                    child.terminate()
-                raise
             finally:
                 torch.set_num_threads(threads)
             if not vqa_done.done():

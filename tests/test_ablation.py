@@ -117,6 +117,7 @@ def test_fast_ablation_end_to_end(world, tmp_path):
     argv += ["--test_scenes", "4", "--world_resolution", "64", "--seeds", "2", "--models", "PrismerZ"]
     argv += ["--corrupt", "seg_coco:noise", "--robust_size", "8", "--steps", "16", "--set", "batch_size_train=2"]
     argv += ["--no-balance"]  # the original generator: TINY's world
+    argv += ["--workers", "2"]  # as on a user's 2+ cores: runs side by side, each logging to its folder
     rows = ablation.main(argv)
 
     # Every size x model x seed trained once: PrismerZ at 4 and 8 scenes, clean Prismer at 8
@@ -162,6 +163,7 @@ def test_fast_ablation_end_to_end(world, tmp_path):
         assert (cfg["seed"], cfg["max_epoch"], cfg["batch_size_train"]) == (r["seed"], r["epochs"], 2)
         assert Path(cfg["data_path"]) == out / "data" / f"train{r['train_scenes']}"
         assert Path(cfg["label_path"]) == (noisy if r["experiment"] == "robust" else world / "labels")
+        assert "vqa summary" in (out / "runs" / name / "train.log").read_text()
         submission = read_submission(out / "runs" / name / "vqa_run" / "vqa_submission.json")
         assert r["accuracy"] == pytest.approx(exact_accuracy(submission, test))
         for kind in kinds:
