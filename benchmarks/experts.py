@@ -3,11 +3,12 @@ input size, in float32, and how far bf16 / fp16 autocast labels move from the
 float32 ones (`--precisions no,bf16,fp16`; timing them is worth it only on a CPU
 with AMX or AVX-512-BF16, `--images 0` measures the drift alone), on this machine's CPU.
 
-    python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16,fp16]
+    python benchmarks/experts.py [--experts depth,normal] [--images 3] [--precisions no,bf16,fp16] [--weights DIR]
 
 Weights are synthesised from the official layouts (tests/fixtures/experts) and
-written in the official formats, then loaded the way generate_experts.py loads
-them; the images are 640x480 photos-like arrays (COCO's common size). Each
+written in the official formats, or taken from `--weights DIR` (the official
+files), then loaded the way generate_experts.py loads them; the images are
+640x480 photos-like arrays (COCO's common size). Each
 expert runs in its own process, so its peak resident memory (VmHWM, reset at
 its start) is its own: the loaded network plus one image's forward pass and
 label. Timing covers
@@ -20,12 +21,16 @@ maps) — with synthetic weights, so only a rough guide to real labels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,10 +44,32 @@ def peak_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def arrays(raw) -> list[np.ndarray]:
+    """The float arrays of a network's raw output (a tensor, or a dataclass / dict / list of them)."""
+    if dataclasses.is_dataclass(raw):
+        raw = [getattr(raw, f.name) for f in dataclasses.fields(raw)]
+    if isinstance(raw, dict):
+        raw = list(raw.values())
+    if isinstance(raw, list | tuple):
+        return [a for r in raw for a in arrays(r)]
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().float().cpu().numpy()
+    return [raw.astype(np.float64)] if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" else []
+
+
+def relative_change(raw, reference) -> str:
+    """||raw - reference|| / ||reference|| over the output arrays of equal shape; how many
+    differ in shape (a detector keeping another number of boxes) is said beside it."""
+    pairs = list(zip(arrays(raw), arrays(reference)))
+    same = [(a, b) for a, b in pairs if a.shape == b.shape]
+    if not same:
+        return "no array of equal shape"
+    error = sum(np.square(a - b).sum() for a, b in same) ** 0.5 / sum(np.square(b).sum() for _, b in same) ** 0.5
+    return f"{error:.2%}" + (f" ({len(pairs) - len(same)} of {len(pairs)} reshaped)" if len(same) < len(pairs) else "")
+
+
 def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
     """Runs in a child process: one expert, one precision, its weights already on disk."""
-    import numpy as np
-    import torch
     from PIL import Image
 
     from experts import generator_network
@@ -78,22 +105,24 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             (raw,) = network.predict(model, x)
-        return network.to_label(raw, image.size, **inputs)
+        return raw, network.to_label(raw, image.size, **inputs)
 
-    label = one(precision)  # also the warm-up
+    raw, label = one(precision)  # also the warm-up
     start = time.perf_counter()
     for _ in range(images):
         one(precision)
     seconds = time.perf_counter() - start
     peak = peak_mib()
-    # How far the label moves from the float32 one: grey levels for dense maps, pixels for id maps.
-    change = ""
+    # How far the label moves from the float32 one: grey levels for dense maps, pixels for id maps;
+    # and the network's own outputs (an id map of synthetic weights can be one class everywhere).
+    change = output_change = ""
     if precision != "no":
+        raw_float, label_float = one("no")
         a = np.asarray(label.ids if hasattr(label, "ids") else label, dtype=np.float32)
-        b = one("no")
-        b = np.asarray(b.ids if hasattr(b, "ids") else b, dtype=np.float32)
+        b = np.asarray(label_float.ids if hasattr(label_float, "ids") else label_float, dtype=np.float32)
         painted = network.expert.kind.painted
         change = f"{(a != b).mean():.2%} px" if painted else f"{np.abs(a - b).mean():.2f} levels"
+        output_change = relative_change(raw, raw_float)
     shape = tuple(network.preprocess(image).shape[1:])
     return {
         "expert": expert,
@@ -102,17 +131,24 @@ def measure(expert: str, precision: str, images: int, weights: Path) -> dict:
         "images/s": images / seconds if images else float("nan"),  # --images 0: the drift alone
         "peak MiB": peak,
         "vs float32": change,
+        "outputs vs float32": output_change,
     }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from common.modalities import label_networks
+    from common.modalities import EXPERTS, label_networks
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", default=",".join(label_networks()))
     # bf16 / fp16 run fast only where the CPU computes them (AMX / AVX-512-BF16); on AVX2 many times slower.
     p.add_argument("--precisions", default="no", help="comma-separated: no (float32), bf16, fp16")
     p.add_argument("--images", type=int, default=3)
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="a folder of the official weight files by their official names (download_checkpoints.py --experts) "
+        "instead of synthetic ones",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # expert,precision,weight file
@@ -124,7 +160,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for expert in args.experts.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            weights = write_official(expert, Path(tmp))  # here, so the child's peak is the network's alone
+            if args.weights:
+                weights = args.weights / Path(EXPERTS[expert].weights).name
+                if not weights.is_file():
+                    raise FileNotFoundError(f"{weights}: no official {expert} weights there")
+            else:  # written here, so the child's peak is the network's alone
+                weights = write_official(expert, Path(tmp))
             for precision in args.precisions.split(","):
                 cmd = [
                     sys.executable,
@@ -139,14 +180,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     raise RuntimeError(f"{expert} {precision} failed:\n{done.stderr[-3000:]}")
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    import torch
-
-    print(f"\nexpert label networks, {torch.get_num_threads()} CPU threads, synthetic weights, 640x480 images")
-    print(f"{'expert':<14} {'precision':<9} {'input':>9} {'images/s':>9} {'peak MiB':>9} {'vs float32':>12}")
+    source = f"weights from {args.weights}" if args.weights else "synthetic weights"
+    print(f"\nexpert label networks, {torch.get_num_threads()} CPU threads, {source}, 640x480 images")
+    print(
+        f"{'expert':<14} {'precision':<9} {'input':>9} {'images/s':>9} {'peak MiB':>9} {'vs float32':>12} "
+        f"{'outputs vs float32':>20}"
+    )
     for r in rows:
         print(
             f"{r['expert']:<14} {r['precision']:<9} {r['input']:>9} {r['images/s']:>9.3f} {r['peak MiB']:>9.0f} "
-            f"{r['vs float32']:>12}"
+            f"{r['vs float32']:>12} {r['outputs vs float32']:>20}"
         )
     return rows
 
