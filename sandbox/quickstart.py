@@ -29,6 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.modalities import PRISMER_EXPERTS
 from helpers.config import RunConfig, load_config
 from helpers.engine import RunOptions, run
@@ -293,14 +295,12 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         "--parallel",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="train VQA in a second process beside captioning, each on half the cores "
-        "(default: when there are 2 or more; models this small use 2 threads at only 1.3x one)",
+        help="train VQA in a second process beside captioning, each on half the threads "
+        "(default: when torch has 2 or more; models this small use 2 threads at only 1.3x one)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import torch
-
     t0 = time.perf_counter()
     world = dataclasses.replace(
         WORLD, train_scenes=args.train_scenes, test_scenes=args.test_scenes, balance=args.balance
