@@ -22,11 +22,14 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
+from common.files import atomic_write
 from helpers import checkpoint, distributed
 from helpers.config import RunConfig, adopt_checkpoint_model, load_config
 from helpers.distributed import PRECISIONS, make_accelerator
 
 log = logging.getLogger("engine")
+# Every evaluation of a run, one JSON object per line: {"epoch", "step", metric: value, ...}.
+EVAL_HISTORY = "eval_history.jsonl"
 
 
 class TrainingStopped(RuntimeError):
@@ -356,6 +359,8 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
         every = cfg.eval_every_epochs
         if epoch + 1 == cfg.max_epoch or (every and (epoch + 1) % every == 0):
             metrics |= session.evaluate(test_set)
+            if accelerator.is_main_process:
+                record_evaluation(session.out_dir / EVAL_HISTORY, progress, metrics)
         accelerator.log(metrics, step=progress["step"])
         key = session.task.best_metric
         improved = key in metrics and (progress["best"] is None or metrics[key] > progress["best"])
@@ -367,6 +372,17 @@ def train(session: Session, train_set, test_set, progress: dict) -> dict:
     check_trained(session, trained, skipped)
     checkpoint.save_model(accelerator, model, session.out_dir / "final")
     return metrics
+
+
+def record_evaluation(path: Path, progress: dict, metrics: dict) -> None:
+    """Appends one evaluation to the run's history (one JSON object per line), so
+    the training curve can be read without a tracker. Entries at or after this
+    step are dropped first: a resumed run repeats them."""
+    entry = {"epoch": progress["epoch"], "step": progress["step"]} | metrics
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if json.loads(line)["step"] < progress["step"]]
+    text = "".join(f"{line}\n" for line in [*kept, json.dumps(entry)])
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_trained(session: Session, trained: int, skipped: int) -> None:

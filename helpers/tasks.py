@@ -81,6 +81,15 @@ def caption_evaluate(session, loader) -> dict:
     return metrics
 
 
+def answer_truth(entry: dict) -> dict:
+    """A VQA list entry as the metric's annotation; its type (VQAv2's
+    `answer_type`, or the synthetic world's `question_type`) gives per-type
+    accuracy, so a training curve shows which kinds of question are learned."""
+    truth = {"question_id": entry["question_id"], "answers": entry["answer"]}
+    kind = entry.get("answer_type", entry.get("question_type"))
+    return truth if kind is None else truth | {"answer_type": kind}
+
+
 @torch.no_grad()
 def vqa_evaluate(session, loader) -> dict:
     from helpers.metrics import gather_results, vqa_accuracy, write_vqa_results
@@ -100,12 +109,12 @@ def vqa_evaluate(session, loader) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         submission = write_vqa_results(results, out_dir / "vqa_submission.json")
-        truth = [
-            {"question_id": e["question_id"], "answers": e["answer"]} for e in loader.dataset.data_list if "answer" in e
-        ]
+        truth = [answer_truth(e) for e in loader.dataset.data_list if "answer" in e]
         if truth:  # a local split with answers (test-dev answers are on the evaluation server only)
             # scored from the written file, so the number is the one the submission gets
-            metrics = {"eval/accuracy": vqa_accuracy(submission, truth)["overall"]}
+            scores = vqa_accuracy(submission, truth)
+            metrics = {"eval/accuracy": scores["overall"]}
+            metrics |= {f"eval/accuracy/{t}": v for t, v in scores["per_answer_type"].items()}
     session.model.train()
     return metrics
 

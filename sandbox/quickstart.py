@@ -33,7 +33,7 @@ import torch
 
 from common.modalities import PRISMER_EXPERTS
 from helpers.config import RunConfig, load_config
-from helpers.engine import RunOptions, run
+from helpers.engine import EVAL_HISTORY, RunOptions, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
 from helpers.tasks import CAPTION, VQA
 from sandbox.side_by_side import SideBySide
@@ -259,8 +259,7 @@ def vqa_rows(
     """Trains and scores the VQA model; its rows beside the image-blind answers and chance, per question type."""
     data = root / "data"
     metrics = run(VQA, config, options)
-    answers = json.loads((output_dir / "vqa_world" / "vqa_submission.json").read_text())
-    scores = vqa_scores(data, {r["question_id"]: r["answer"] for r in answers})
+    scores = {"per_type": per_type(metrics)}
     answer, base = vqa_baseline(data)
     prior, chance = vqa_scores(data, question_prior_answers(data)), vqa_chance(data, world)
     rows = [
@@ -274,6 +273,24 @@ def vqa_rows(
             ("vqa", name, kind, v["per_type"][kind]) for name, v in ((model, scores), (PRIOR, prior), (CHANCE, chance))
         ]
     return rows
+
+
+def per_type(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The per-question-type accuracies among a VQA evaluation's metrics."""
+    prefix = "eval/accuracy/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def print_vqa_curve(run_dir: Path) -> None:
+    """VQA accuracy per question type after each evaluation (the engine's history):
+    which types the model learns, and when."""
+    history = [json.loads(line) for line in (run_dir / EVAL_HISTORY).read_text().splitlines()]
+    kinds = list(per_type(history[-1]))
+    print("\nVQA accuracy per question type during training")
+    print(f"{'epoch':>5} {'step':>5} {'overall':>7}" + "".join(f" {k:>8}" for k in kinds))
+    for h in history:
+        cells = "".join(f" {per_type(h)[k]:8.1f}" for k in kinds)
+        print(f"{h['epoch']:>5} {h['step']:>5} {h['eval/accuracy']:7.1f}{cells}")
 
 
 def main(argv: list[str] | None = None) -> list[tuple]:
@@ -333,6 +350,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     print(f"{'task':<8} {'model':<{width}} {'metric':<13} {'score':>7}")
     for task, name, metric, score in rows:
         print(f"{task:<8} {name:<{width}} {metric:<13} {score:7.1f}")
+    if args.task in ("vqa", "both"):
+        print_vqa_curve(out / "vqa_world")
     return rows
 
 

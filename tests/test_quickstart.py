@@ -120,6 +120,18 @@ def test_the_model_rows_are_what_its_written_results_score(job):
     assert score["caption", "PrismerZ (RGB only)", "distinct"] == len(written)
 
 
+def test_the_vqa_curve_shows_each_epoch_per_type_and_ends_at_the_table(job):
+    rows, data, _, printed = job
+    score = {(task, model, metric): value for task, model, metric, value in rows}
+    header, *lines = printed.split("VQA accuracy per question type during training\n")[1].strip().splitlines()
+    kinds = header.split()[3:]
+    assert sorted(kinds) == sorted({e["question_type"] for e in read(data / "vqav2_test.json")})
+    assert [line.split()[0] for line in lines] == ["1", "2"]  # max_epoch=2, evaluated after each
+    last = dict(zip(["epoch", "step", "accuracy", *kinds], map(float, lines[-1].split())))
+    for kind in ["accuracy", *kinds]:
+        assert last[kind] == pytest.approx(score["vqa", "PrismerZ (RGB only)", kind], abs=0.05)
+
+
 def test_vqa_trained_beside_captioning_logs_to_its_own_file_and_loads_back(job):
     """The parallel path: the VQA process's progress and summary went to its log, not
     into the caption's terminal output, and its model is saved like any other run's."""

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train_caption
 import train_pretrain
 import train_vqa
-from helpers.engine import TrainingStopped
+from helpers.engine import TrainingStopped, record_evaluation
 from helpers.metrics import vqa_accuracy
 from tests.conftest import tiny_size
 from tests.dataset_builders import coco_world
@@ -124,6 +124,7 @@ def test_vqa_evaluation_reports_what_the_submission_file_scores(recipe):
     test = json.loads((data / "vqav2_test.json").read_text())
     humans = ["Red", "red.", "RED", "blue", "Blue", "square", "squares", "pink", "pink", "pink"]
     test[0]["answer"] = humans  # a local split with its ten human answers
+    test[0]["answer_type"] = "other"  # VQAv2's kinds of answer: yes/no, number, other
     (data / "vqav2_test.json").write_text(json.dumps(test))
     # split humans, normalised: red x3, blue x2, square x1 (as the official script treats them):
     # red (3*2/3 + 7*1)/10 = 0.9, blue (2*1/3 + 8*2/3)/10 = 0.6, square (1*0 + 9*1/3)/10 = 0.3
@@ -134,6 +135,7 @@ def test_vqa_evaluation_reports_what_the_submission_file_scores(recipe):
         submission = recipe[1] / f"vqa_{run}" / "vqa_submission.json"
         truth = [{"question_id": 7, "answers": humans}]
         assert metrics["eval/accuracy"] == vqa_accuracy(submission, truth)["overall"]
+        assert metrics["eval/accuracy/other"] == metrics["eval/accuracy"]  # the one question is of that type
         if inference == "rank":
             answer = json.loads(submission.read_text())[0]["answer"]
             assert metrics["eval/accuracy"] == pytest.approx(by_hand[answer])
@@ -147,6 +149,9 @@ def test_evaluation_runs_every_n_epochs_and_always_after_the_last(recipe):
     ckpts = sorted((recipe[1] / "caption_every2" / "checkpoints").glob("step_*"))
     best = [json.loads((c / "progress.json").read_text())["best"] for c in ckpts]
     assert [b is None for b in best] == [True, False, False]  # evaluated after epochs 2 and 3 only
+    history = (recipe[1] / "caption_every2" / "eval_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [2, 3]
+    assert json.loads(history[-1])["eval/CIDEr"] == metrics["eval/CIDEr"]
 
 
 def test_pretrain_epoch_runs_end_to_end(recipe):
@@ -434,3 +439,16 @@ def test_caption_a_folder_of_own_images_in_one_command(recipe, tmp_path):
     results = json.loads((recipe[1] / "caption_mine" / "caption_results_demo.json").read_text())
     assert [r["image_id"] for r in results] == ["IMG_0001.jpg", "trip/beach.png"]
     assert all(r["caption"].endswith(".") for r in results)
+
+
+def test_the_evaluation_history_keeps_one_entry_per_step_when_a_run_repeats_steps(tmp_path):
+    """A run resumed from a checkpoint before its last evaluation evaluates that epoch again."""
+    path = tmp_path / "eval_history.jsonl"
+    record_evaluation(path, {"epoch": 1, "step": 4}, {"eval/accuracy": 10.0})
+    record_evaluation(path, {"epoch": 2, "step": 8}, {"eval/accuracy": 20.0})
+    record_evaluation(path, {"epoch": 2, "step": 8}, {"eval/accuracy": 25.0})  # resumed: epoch 2 again
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    assert entries == [
+        {"epoch": 1, "step": 4, "eval/accuracy": 10.0},
+        {"epoch": 2, "step": 8, "eval/accuracy": 25.0},
+    ]
