@@ -35,7 +35,7 @@ from common.modalities import PRISMER_EXPERTS
 from helpers.config import RunConfig, load_config
 from helpers.engine import EVAL_HISTORY, RunOptions, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
-from helpers.tasks import CAPTION, VQA
+from helpers.tasks import CAPTION, VQA, answer_truth
 from sandbox.side_by_side import SideBySide
 from sandbox.world import COLOURS, SHAPES, WorldConfig, answer_choices, generate
 
@@ -90,13 +90,9 @@ def _votes(entries: list[dict]) -> Counter:
 
 def vqa_scores(data_path: Path, answers: Mapping[int, str]) -> dict:
     """VQA accuracy of `answers` (question_id -> answer) on the test list:
-    `overall` and `per_type`, by the world's question type (each test entry's
-    `question_type`, where it has one, scored as the metric's answer type)."""
+    `overall` and `per_type`, by the world's question type, as the engine's evaluation scores them."""
     test = json.loads((data_path / "vqav2_test.json").read_text())
-    truth = [{"question_id": e["question_id"], "answers": e["answer"]} for e in test]
-    for t, e in zip(truth, test):
-        if "question_type" in e:
-            t["answer_type"] = e["question_type"]
+    truth = [answer_truth(e) for e in test]
     results = [{"question_id": e["question_id"], "answer": answers[e["question_id"]]} for e in test]
     scores = vqa_accuracy(results, truth)
     return {"overall": scores["overall"], "per_type": scores["per_answer_type"]}
