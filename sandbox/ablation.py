@@ -306,10 +306,17 @@ def plot_per_type(summary: list[dict], path: Path) -> Path:
         ax.set_title(kind)
         ax.set_xlabel("training scenes")
         ax.set_ylabel("accuracy (%)")
-    for ax in list(axes.flat)[len(kinds) :]:
+    return save_panels(fig, axes, len(kinds), "VQA accuracy per question type (mean ± std over seeds)", path)
+
+
+def save_panels(fig, axes, used: int, title: str, path: Path) -> Path:
+    """Writes a grid of per-type panels: the unused ones hidden, the legend on the first."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("VQA accuracy per question type (mean ± std over seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

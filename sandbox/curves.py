@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from helpers.engine import EVAL_HISTORY
-from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, train_eval
+from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, save_panels, train_eval
 from sandbox.quickstart import per_type, question_prior_answers, vqa_chance, vqa_scores
 from sandbox.side_by_side import SideBySide
 from sandbox.world import WorldConfig, generate
@@ -63,14 +63,7 @@ def plot(rows: list[dict], references: dict[str, dict], path: Path) -> Path:
         ax.set_title(kind)
         ax.set_xlabel("training steps")
         ax.set_ylabel("accuracy (%)")
-    for ax in list(axes.flat)[len(kinds) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("VQA accuracy per question type during training (test scenes)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_panels(fig, axes, len(kinds), "VQA accuracy per question type during training (test scenes)", path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
