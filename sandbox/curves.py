@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from helpers.config import load_config
 from helpers.engine import EVAL_HISTORY
 from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, save_panels, train_eval
-from sandbox.quickstart import per_type, question_prior_answers, vqa_chance, vqa_scores
+from sandbox.quickstart import RECIPES, per_type, question_prior_answers, vqa_chance, vqa_scores
 from sandbox.side_by_side import SideBySide
 from sandbox.world import WorldConfig, generate
 
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workers", type=int, help="runs side by side, one thread each (default: one per thread)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error(f"--epochs must be at least 1, got {args.epochs}")
+    owned = [kv for kv in args.set if kv.split("=", 1)[0] in ("max_epoch", "eval_every_epochs", "seed")]
+    if owned:
+        p.error(f"--set {owned[0]}: use --epochs / --seed; every epoch is evaluated")
+    load_config(RECIPES["vqa"], None, args.set)  # a bad --set fails now, not in the runs after the world is made
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
     cfg = WorldConfig(train_scenes=args.train_scenes, test_scenes=args.test_scenes, balance=True)

@@ -54,3 +54,18 @@ def test_the_last_point_is_what_the_final_submission_scores(job):
         assert config["experts"] == {"PrismerZ": [], "depth": ["depth"]}[model]
         assert "vqa summary" in (tmp / "out" / model / "train.log").read_text()  # its own log, side by side
     assert "question prior" in printed and "chance" in printed
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--set", "max_epoch=3"], "--set max_epoch=3: use --epochs"),
+        (["--set", "no_such_key=1"], "no_such_key"),
+    ],
+)
+def test_bad_arguments_fail_before_the_world_is_made(tmp_path, capsys, argv, message):
+    with pytest.raises((SystemExit, ValueError)) as failed:
+        curves.main(["--root", str(tmp_path / "world"), *argv])
+    assert message in str(failed.value) + capsys.readouterr().err
+    assert not (tmp_path / "world").exists()
