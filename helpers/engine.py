@@ -379,10 +379,14 @@ def record_evaluation(path: Path, progress: dict, metrics: dict) -> None:
     the training curve can be read without a tracker. Entries at or after this
     step are dropped first: a resumed run repeats them."""
     entry = {"epoch": progress["epoch"], "step": progress["step"]} | metrics
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if json.loads(line)["step"] < progress["step"]]
-    text = "".join(f"{line}\n" for line in [*kept, json.dumps(entry)])
+    kept = [e for e in read_evaluations(path) if e["step"] < progress["step"]] if path.exists() else []
+    text = "".join(f"{json.dumps(e)}\n" for e in [*kept, entry])
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_evaluations(path: Path) -> list[dict]:
+    """A run's evaluation history (`record_evaluation`), oldest first."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def check_trained(session: Session, trained: int, skipped: int) -> None:

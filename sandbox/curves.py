@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import time
 from functools import partial
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from helpers.config import load_config
-from helpers.engine import EVAL_HISTORY
+from helpers.engine import EVAL_HISTORY, read_evaluations
 from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, save_panels, train_eval
 from sandbox.quickstart import RECIPES, per_type, question_prior_answers, vqa_chance, vqa_scores
 from sandbox.side_by_side import SideBySide
@@ -38,7 +37,7 @@ log = logging.getLogger("curves")
 
 def curve(run_dir: Path) -> list[dict]:
     """A run's evaluations: epoch, step, overall and per-type accuracy."""
-    history = [json.loads(line) for line in (run_dir / "vqa_run" / EVAL_HISTORY).read_text().splitlines()]
+    history = read_evaluations(run_dir / "vqa_run" / EVAL_HISTORY)
     return [{"epoch": h["epoch"], "step": h["step"], "overall": h["eval/accuracy"]} | per_type(h) for h in history]
 
 

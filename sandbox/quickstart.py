@@ -33,7 +33,7 @@ import torch
 
 from common.modalities import PRISMER_EXPERTS
 from helpers.config import RunConfig, load_config
-from helpers.engine import EVAL_HISTORY, RunOptions, run
+from helpers.engine import EVAL_HISTORY, RunOptions, read_evaluations, run
 from helpers.metrics import coco_caption_scores, format_caption, vqa_accuracy
 from helpers.tasks import CAPTION, VQA, answer_truth
 from sandbox.side_by_side import SideBySide
@@ -249,17 +249,15 @@ def caption_rows(config: RunConfig, options: RunOptions, root: Path, output_dir:
     return rows
 
 
-def vqa_rows(
-    config: RunConfig, options: RunOptions, root: Path, output_dir: Path, model: str, world: WorldConfig
-) -> list[tuple]:
+def vqa_rows(config: RunConfig, options: RunOptions, root: Path, model: str, world: WorldConfig) -> list[tuple]:
     """Trains and scores the VQA model; its rows beside the image-blind answers and chance, per question type."""
     data = root / "data"
     metrics = run(VQA, config, options)
-    scores = {"per_type": per_type(metrics)}
+    scores = {"overall": metrics["eval/accuracy"], "per_type": per_type(metrics)}
     answer, base = vqa_baseline(data)
     prior, chance = vqa_scores(data, question_prior_answers(data)), vqa_chance(data, world)
     rows = [
-        ("vqa", model, "accuracy", metrics["eval/accuracy"]),
+        ("vqa", model, "accuracy", scores["overall"]),
         ("vqa", f"most frequent answer ({answer!r})", "accuracy", base),
         ("vqa", PRIOR, "accuracy", prior["overall"]),
         ("vqa", CHANCE, "accuracy", chance["overall"]),
@@ -280,7 +278,7 @@ def per_type(metrics: Mapping[str, float]) -> dict[str, float]:
 def print_vqa_curve(run_dir: Path) -> None:
     """VQA accuracy per question type after each evaluation (the engine's history):
     which types the model learns, and when."""
-    history = [json.loads(line) for line in (run_dir / EVAL_HISTORY).read_text().splitlines()]
+    history = read_evaluations(run_dir / EVAL_HISTORY)
     kinds = list(per_type(history[-1]))
     print("\nVQA accuracy per question type during training")
     print(f"{'epoch':>5} {'step':>5} {'overall':>7}" + "".join(f" {k:>8}" for k in kinds))
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     configs = {task: world_config(task, root, values, args.set) for task in RECIPES}
     model = model_name(configs["vqa"].experts)
     caption = partial(caption_rows, configs["caption"], options, root, out, model)
-    vqa = partial(vqa_rows, configs["vqa"], options, root, out, model, world)
+    vqa = partial(vqa_rows, configs["vqa"], options, root, model, world)
     threads = torch.get_num_threads()
     parallel = args.parallel if args.parallel is not None else threads >= 2
     if args.task == "both" and parallel:
