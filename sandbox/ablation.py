@@ -51,11 +51,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.modalities import EXPERTS, PRISMER_EXPERTS
-from helpers import checkpoint
 from helpers.config import load_config
-from helpers.engine import RunOptions, run
+from helpers.engine import EVAL_HISTORY, RunOptions, read_evaluations, run
 from helpers.tasks import VQA
-from sandbox.quickstart import RECIPES, question_prior_answers, vqa_chance, vqa_scores, world_config
+from sandbox.quickstart import RECIPES, per_type, question_prior_answers, vqa_chance, vqa_scores, world_config
 from sandbox.side_by_side import SideBySide
 from sandbox.world import WorldConfig, generate, image_name
 
@@ -184,20 +183,15 @@ class Run(NamedTuple):
     values: dict
 
 
-def train_eval(world: Path, values: dict, overrides: list[str]) -> float:
+def train_eval(world: Path, values: dict, overrides: list[str]) -> dict:
     """One real VQA run of the engine: the world recipe with `values` set, then
-    the command line's `--set` overrides; returns the seconds it took."""
+    the command line's `--set` overrides. Returns its last evaluation from the
+    run's history (epoch, step trained, metrics overall and per question type)
+    and the seconds the run took."""
     start = time.perf_counter()
     run(VQA, world_config("vqa", world, values, overrides), RunOptions(exp_name="run"))
-    return time.perf_counter() - start
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a `train_eval` run: its progress holds the steps it trained."""
-    found = checkpoint.resolve("latest", run_dir / "vqa_run" / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"{run_dir} holds no complete checkpoint")
-    return found
+    last = read_evaluations(Path(values["output_dir"]) / "vqa_run" / EVAL_HISTORY)[-1]
+    return last | {"seconds": time.perf_counter() - start}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -214,7 +208,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (e, m, n, steps), rs in groups.items():
         mean, std = _stats([r["accuracy"] for r in rs])
         kinds = [k for k in rs[0] if k.startswith(TYPE_PREFIX)]
-        per_type = {k.removeprefix(TYPE_PREFIX): list(_stats([r[k] for r in rs])) for k in kinds}
+        by_type = {k.removeprefix(TYPE_PREFIX): list(_stats([r[k] for r in rs])) for k in kinds}
         summary.append(
             {
                 "experiment": e,
@@ -224,7 +218,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "seeds": len(rs),
                 "mean": mean,
                 "std": std,
-                "per_type": per_type,
+                "per_type": by_type,
             }
         )
     return summary
@@ -430,16 +424,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             values = point | {"seed": seed, "output_dir": str(folder)}
             runs.append(Run(experiment, model, experts, n, seed, epochs, folder, values))
 
-    def row(r: Run, seconds: float) -> dict:
-        answers = json.loads((r.folder / "vqa_run" / "vqa_submission.json").read_text())
-        scores = vqa_scores(subsets[r.train_scenes][0], {a["question_id"]: a["answer"] for a in answers})
-        log.info("%s, %d scenes, seed %d: accuracy %.1f", r.model, r.train_scenes, r.seed, scores["overall"])
-        steps = json.loads((last_checkpoint(r.folder) / "progress.json").read_text())["step"]
+    def row(r: Run, result: dict) -> dict:
+        log.info("%s, %d scenes, seed %d: accuracy %.1f", r.model, r.train_scenes, r.seed, result["eval/accuracy"])
         return (
             {"experiment": r.experiment, "model": r.model, "experts": " ".join(r.experts)}
-            | {"train_scenes": r.train_scenes, "seed": r.seed, "epochs": r.epochs, "steps": steps}
-            | scored(scores)
-            | {"seconds": round(seconds, 1)}
+            | {"train_scenes": r.train_scenes, "seed": r.seed, "epochs": r.epochs, "steps": result["step"]}
+            | scored({"overall": result["eval/accuracy"], "per_type": per_type(result)})
+            | {"seconds": round(result["seconds"], 1)}
         )
 
     progress = tqdm(total=len(runs), desc="ablation", unit="run")
@@ -453,11 +444,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             futures = {
                 pool.submit(partial(train_eval, world, r.values, args.set), r.folder / "train.log"): r for r in runs
             }
-            seconds = {}
+            results = {}
             for future in as_completed(futures):
-                seconds[futures[future].folder] = future.result()
+                results[futures[future].folder] = future.result()
                 progress.update()
-        rows += [row(r, seconds[r.folder]) for r in runs]
+        rows += [row(r, results[r.folder]) for r in runs]
     else:
         for r in runs:
             rows.append(row(r, train_eval(world, r.values, args.set)))
@@ -466,9 +457,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = summarise(rows)
     write_results(rows, summary, out)
     png = plot(summary, out / "ablation.png")
-    per_type = plot_per_type(summary, out / "ablation_per_type.png")
+    types_png = plot_per_type(summary, out / "ablation_per_type.png")
     print_table(summary)
-    print(f"({time.perf_counter() - t0:.0f} s in all; runs in {out / 'runs.csv'}, plots {png}, {per_type})")
+    print(f"({time.perf_counter() - t0:.0f} s in all; runs in {out / 'runs.csv'}, plots {png}, {types_png})")
     return rows
 
 

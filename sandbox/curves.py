@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             for model, folder in folders.items()
         }
-        minutes = {model: future.result() / 60 for model, future in futures.items()}
+        minutes = {model: future.result()["seconds"] / 60 for model, future in futures.items()}
 
     rows = [{"model": m} | point for m, folder in folders.items() for point in curve(folder)]
     with open(out / "curves.csv", "w", newline="") as f:
