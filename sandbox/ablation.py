@@ -9,10 +9,10 @@ against clean Prismer at the same N.
 Every run goes through the real paths: `sandbox.world.generate`, the recipe
 `configs/world_vqa.yaml` with the run's keys set, the engine's `run` (what
 train_vqa.py runs) and its evaluation. The metric is VQA accuracy (percent,
-the engine's `eval/accuracy`): ranking a short answer list is cheap (no beam
-search, no pycocoevalcap), and the world's questions (colour, shape, count,
-which is closer) ask for exactly what the experts encode, while the README
-found world captions barely image-dependent.
+the engine's `eval/accuracy` and `eval/accuracy/<type>` of the run's last
+evaluation): ranking a short answer list is cheap (no beam search, no
+pycocoevalcap), and the world's questions (colour, shape, count, which is
+closer, the sign's word) ask for exactly what the experts encode.
 
 Scores are reported overall and per question type (colour, shape, count,
 yes/no, closer, sign), each beside the image-blind question prior and chance
