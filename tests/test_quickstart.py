@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from common.modalities import PRISMER_EXPERTS
 from helpers.demo import Describer
 from helpers.metrics import coco_caption_scores, format_caption
 from model import PrismerCaption, PrismerVQA
@@ -18,6 +19,7 @@ from sandbox import quickstart
 from sandbox.world import WorldConfig, generate
 
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
+VQA_MODEL = "Prismer, all experts"  # captions are PrismerZ (RGB only); VQA keeps its recipe's experts
 
 
 def read(path):
@@ -84,13 +86,13 @@ def test_the_table_is_the_model_beside_its_baselines(job):
         for metric in ("distinct", "objects named", "named exist")
     ]
     expected += [
-        ("vqa", "PrismerZ (RGB only)", "accuracy"),
+        ("vqa", VQA_MODEL, "accuracy"),
         ("vqa", f"most frequent answer ({answer!r})", "accuracy"),
         ("vqa", quickstart.PRIOR, "accuracy"),
         ("vqa", quickstart.CHANCE, "accuracy"),
     ]
     kinds = sorted({e["question_type"] for e in read(data / "vqav2_test.json")})
-    models = ("PrismerZ (RGB only)", quickstart.PRIOR, quickstart.CHANCE)
+    models = (VQA_MODEL, quickstart.PRIOR, quickstart.CHANCE)
     expected += [("vqa", model, kind) for kind in kinds for model in models]
     assert [r[:3] for r in rows] == expected
     assert "Results on the synthetic world's test split" in printed
@@ -112,10 +114,10 @@ def test_the_model_rows_are_what_its_written_results_score(job):
     submission = {r["question_id"]: r["answer"] for r in read(out / "vqa_world" / "vqa_submission.json")}
     assert submission.keys() == {e["question_id"] for e in test}
     assert set(submission.values()) <= set(read(data / "answer_list.json"))
-    assert score["vqa", "PrismerZ (RGB only)", "accuracy"] == pytest.approx(exact_accuracy(submission, test))
+    assert score["vqa", VQA_MODEL, "accuracy"] == pytest.approx(exact_accuracy(submission, test))
     for kind in {e["question_type"] for e in test}:  # per type: the same, on that type's questions
         of_kind = [e for e in test if e["question_type"] == kind]
-        assert score["vqa", "PrismerZ (RGB only)", kind] == pytest.approx(exact_accuracy(submission, of_kind))
+        assert score["vqa", VQA_MODEL, kind] == pytest.approx(exact_accuracy(submission, of_kind))
     written = {r["caption"] for r in results}
     assert score["caption", "PrismerZ (RGB only)", "distinct"] == len(written)
 
@@ -129,7 +131,7 @@ def test_the_vqa_curve_shows_each_epoch_per_type_and_ends_at_the_table(job):
     assert [line.split()[0] for line in lines] == ["1", "2"]  # max_epoch=2, evaluated after each
     last = dict(zip(["epoch", "step", "accuracy", *kinds], map(float, lines[-1].split())))
     for kind in ["accuracy", *kinds]:
-        assert last[kind] == pytest.approx(score["vqa", "PrismerZ (RGB only)", kind], abs=0.05)
+        assert last[kind] == pytest.approx(score["vqa", VQA_MODEL, kind], abs=0.05)
 
 
 def test_vqa_trained_beside_captioning_logs_to_its_own_file_and_loads_back(job):
@@ -140,7 +142,7 @@ def test_vqa_trained_beside_captioning_logs_to_its_own_file_and_loads_back(job):
     assert "vqa summary" in beside and "vqa summary" not in printed
     assert "caption summary" not in beside
     model = PrismerVQA.from_pretrained(out / "vqa_world" / "final")
-    assert model.config.experts == []  # PrismerZ: RGB only
+    assert model.config.experts == list(PRISMER_EXPERTS)  # the VQA recipe's Prismer, all six experts
 
 
 def test_the_baselines_are_what_their_definitions_give(job):
