@@ -45,8 +45,9 @@ log = logging.getLogger("quickstart")
 WORLD = WorldConfig(train_scenes=2000, test_scenes=100, balance=True)
 # Captions from RGB only: with all six experts a step costs ~3x (their 64 resampler latents
 # double the encoder's tokens) and the captioner's two epochs would not fit the quickstart's
-# minutes. VQA keeps its recipe's experts: one epoch of Prismer beats three of PrismerZ in the
-# same minutes (README, world section). `--set experts=[...]` sets both.
+# minutes. VQA keeps its recipe's experts: one epoch of Prismer scores about what three of
+# PrismerZ do in the same minutes, and learns shape from the experts where PrismerZ learns
+# colour (README, world section). `--set experts=[...]` sets both.
 CAPTION_EXPERTS = ["none"]
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRIOR = "most frequent answer to the same question"
