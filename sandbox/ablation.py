@@ -190,8 +190,12 @@ def train_eval(world: Path, values: dict, overrides: list[str]) -> dict:
     and the seconds the run took."""
     start = time.perf_counter()
     run(VQA, world_config("vqa", world, values, overrides), RunOptions(exp_name="run"))
-    last = read_evaluations(Path(values["output_dir"]) / "vqa_run" / EVAL_HISTORY)[-1]
-    return last | {"seconds": time.perf_counter() - start}
+    return evaluations(Path(values["output_dir"]))[-1] | {"seconds": time.perf_counter() - start}
+
+
+def evaluations(folder: Path) -> list[dict]:
+    """The evaluation history of the `train_eval` run in `folder`, oldest first."""
+    return read_evaluations(folder / "vqa_run" / EVAL_HISTORY)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

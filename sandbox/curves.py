@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from helpers.config import load_config
-from helpers.engine import EVAL_HISTORY, read_evaluations
-from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, save_panels, train_eval
+from sandbox.ablation import CHANCE, MODELS, PRIOR, REFERENCE_STYLE, evaluations, save_panels, train_eval
 from sandbox.quickstart import RECIPES, per_type, question_prior_answers, vqa_chance, vqa_scores
 from sandbox.side_by_side import SideBySide
 from sandbox.world import WorldConfig, generate
@@ -37,7 +36,7 @@ log = logging.getLogger("curves")
 
 def curve(run_dir: Path) -> list[dict]:
     """A run's evaluations: epoch, step, overall and per-type accuracy."""
-    history = read_evaluations(run_dir / "vqa_run" / EVAL_HISTORY)
+    history = evaluations(run_dir)
     return [{"epoch": h["epoch"], "step": h["step"], "overall": h["eval/accuracy"]} | per_type(h) for h in history]
 
 
